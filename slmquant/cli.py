@@ -1,0 +1,188 @@
+"""The slmquant command line (PROTOCOL.md section 9). argparse lives only here.
+
+Every command takes --json and then prints one JSON object as its last line of stdout; errors exit
+non-zero with a one-line message on stderr (a traceback only with --debug)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .errors import SlmquantError
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "lm-eval", "torchao", "gguf", "slmquant"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _limit(value: str | None):
+    if value is None or value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise SlmquantError(f"--limit takes a number or 'all', got {value!r}") from None
+
+
+def _print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return "-" if v is None else str(v)
+
+
+# ---------------------------------------------------------------- commands
+def cmd_models(args) -> dict:
+    from .models import ALIASES, cache_dir
+    rows = []
+    for alias, a in ALIASES.items():
+        cached = any((cache_dir() / "models").glob(f"{Path(a.bundled.filename).stem}-*/slmquant_manifest.json"))
+        rows.append({"alias": alias, "arch": a.arch, "offline": a.bundled.describes,
+                     "packages": ",".join(sorted({p for p, _ in a.bundled.parts})),
+                     "hub_id": a.hub_id, "cached": cached})
+    if not args.json:
+        _print_table(rows, ["alias", "arch", "offline", "hub_id", "cached"])
+    return {"models": rows, "cache": str(cache_dir())}
+
+
+def cmd_data(args) -> dict:
+    from . import data
+    root = data.data_dir(args.data_dir)
+    files = {rel: data.file_status(rel, root) for rel in data.CHECKSUMS}
+    bad = {k: v for k, v in files.items() if v != "ok"}
+    if not args.json:
+        print(f"data directory: {root}")
+        groups: dict[str, list[str]] = {}
+        for rel, st in files.items():
+            groups.setdefault(rel.split("/")[0], []).append(st)
+        for g, sts in groups.items():
+            print(f"  {g:15s} {sts.count('ok')}/{len(sts)} files ok")
+        for rel, st in bad.items():
+            print(f"  {st.upper()}: {rel} (expected sha256 {data.CHECKSUMS[rel]['sha256']})")
+    if bad:
+        raise SlmquantError(f"{len(bad)} data file(s) missing or corrupt in {root}, first: {next(iter(bad))}")
+    return {"data_dir": str(root), "files": len(files), "ok": len(files) - len(bad)}
+
+
+def _eval_wikitext2(model, tok, limit, profile, data_dir) -> dict:
+    from . import data, evaluate
+    root = data.data_dir(data_dir)
+    tokens = evaluate.wikitext2_tokens(tok, "test", root)
+    if limit is None:          # the profile decides: quick = the first 40 windows, paper = all
+        res = evaluate.perplexity(model, tokens, limit=evaluate.QUICK_WINDOWS if profile == "quick" else None)
+    else:                      # --limit N: a seeded sample of N windows; --limit all: every window
+        res = evaluate.perplexity(model, tokens, limit=limit, sample_seed=None if limit == "all" else 0)
+    return res.to_dict()
+
+
+def cmd_eval(args) -> dict:
+    import torch
+    from .models import load_model
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t != "wikitext2"]
+    if unknown:
+        raise SlmquantError(f"unknown task(s) {unknown}: available now: wikitext2")
+    limit = _limit(args.limit)
+    torch.manual_seed(0)
+    model, tok = load_model(args.model, device=_device(args.device))
+    result = {"model": args.model, "source": model.slmquant_source.to_dict(), "method": "none",
+              "bits": "w16a16", "profile": args.profile, "load_s": round(model.slmquant_load_s, 3),
+              "device": str(next(model.parameters()).device), "versions": _versions()}
+    t0 = time.perf_counter()
+    result["wikitext2"] = _eval_wikitext2(model, tok, limit, args.profile, args.data_dir)
+    result["eval_s"] = round(time.perf_counter() - t0, 2)
+    if not args.json:
+        w = result["wikitext2"]
+        print(f"{args.model} float: wikitext2 ppl {w['ppl']:.3f} over {w['n_tokens']} tokens "
+              f"({w['windows']} windows of {w['seqlen']}); load {result['load_s']:.1f} s, eval {result['eval_s']:.0f} s")
+    return result
+
+
+def cmd_run(args) -> dict:
+    args.model, args.tasks, args.limit = args.model or "smollm2-135m", "wikitext2", None
+    res = cmd_eval(args)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "float.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--data-dir", default=None, help="data directory (default: $SLMQUANT_DATA)")
+    p = argparse.ArgumentParser(prog="slmquant", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", parents=[common], help="aliases, architecture, source, cached or not")
+    sub.add_parser("data", parents=[common], help="data directory and checksum status of each file")
+    e = sub.add_parser("eval", parents=[common], help="evaluate a model")
+    e.add_argument("model")
+    e.add_argument("--tasks", default="wikitext2")
+    e.add_argument("--limit", default=None, help="N (a seeded sample of N windows/items) or 'all'")
+    for q in (e, sub.add_parser("run", parents=[common], help="the main job on the bundled default model")):
+        q.add_argument("--profile", choices=["quick", "paper"], default="quick")
+        q.add_argument("--device", default="auto")
+    r = sub._name_parser_map["run"]
+    r.add_argument("--model", default=None)
+    r.add_argument("--out", default="results", help="folder for the results (default: results/)")
+    return p
+
+
+COMMANDS = {"models": cmd_models, "data": cmd_data, "eval": cmd_eval, "run": cmd_run}
+
+
+def _quiet_imports() -> None:
+    # torchao (imported by transformers) logs optional CUDA extensions it cannot load on a CPU
+    # machine, and torch warns about its enums: noise on stderr, where errors must stand alone.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_imports()
+    try:
+        result = COMMANDS[args.command](args)
+    except SlmquantError as e:
+        if args.debug:
+            raise
+        print(f"slmquant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slmquant: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

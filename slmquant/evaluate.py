@@ -1,0 +1,110 @@
+"""Token-level WikiText-2 perplexity in the GPTQ/SmoothQuant convention (arXiv 2210.17323): the test
+rows joined with "\\n\\n", tokenized once, cut into non-overlapping windows, exp(mean token NLL)."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data
+from .errors import SlmquantError
+
+QUICK_WINDOWS = 40          # the quick profile's fixed subset: the first 40 windows of 2048 tokens
+SEQLEN = 2048
+
+
+@dataclass
+class PPLResult:
+    ppl: float
+    nll_sum: float
+    n_tokens: int           # tokens scored (each window predicts seqlen - 1 of its tokens)
+    n_windows: int
+    seqlen: int
+    windows: str            # "all", "first:N" or "sample:N:seed=S"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_TOKENS: dict = {}
+
+
+def wikitext2_tokens(tokenizer, split: str = "test", root: Path | None = None) -> torch.Tensor:
+    """The token ids of the perplexity string (memoized per tokenizer in this process)."""
+    key = (tokenizer.name_or_path, len(tokenizer), split, str(root))
+    if key not in _TOKENS:
+        _TOKENS[key] = data.tokenize_text(tokenizer, data.wikitext2_text(split, root))
+    return _TOKENS[key]
+
+
+def select_windows(n_total: int, limit: int | str | None, sample_seed: int | None = None) -> tuple[list[int], str]:
+    """Window indices: all, the first `limit`, or (with sample_seed) a seeded sample of `limit`."""
+    if limit in (None, "all"):
+        return list(range(n_total)), "all"
+    limit = int(limit)
+    if limit < 1:
+        raise SlmquantError(f"limit must be a positive number of windows or 'all', got {limit}")
+    limit = min(limit, n_total)
+    if sample_seed is None:
+        return list(range(limit)), f"first:{limit}"
+    g = torch.Generator().manual_seed(sample_seed)
+    idx = sorted(torch.randperm(n_total, generator=g)[:limit].tolist())
+    return idx, f"sample:{limit}:seed={sample_seed}"
+
+
+@torch.no_grad()
+def window_logits(model, tokens: torch.Tensor, seqlen: int, indices: list[int]):
+    """Yield (window index, input ids (1, T), logits (1, T, V) in float32) one window at a time."""
+    device = next(model.parameters()).device
+    for i in indices:
+        ids = tokens[i * seqlen:(i + 1) * seqlen].unsqueeze(0).to(device)
+        yield i, ids, model(ids, use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | str | None = None,
+               sample_seed: int | None = None, batch_size: int = 1, progress: bool = True,
+               reference=None) -> PPLResult:
+    """Perplexity of `model` on `tokens` (1-D) cut into windows of `seqlen`.
+
+    reference: optional callable(window index) -> float logits of a reference model on that window;
+    then the result's `extra` holds the logit SQNR (dB) and the mean KL(reference || model)."""
+    n_total = tokens.numel() // seqlen
+    if n_total == 0:
+        raise SlmquantError(f"{tokens.numel()} tokens make no window of {seqlen}")
+    indices, label = select_windows(n_total, limit, sample_seed)
+    device = next(model.parameters()).device
+    nll, count = torch.zeros((), dtype=torch.float64), 0
+    sig, noise, kl = 0.0, 0.0, 0.0
+    bar = tqdm(total=len(indices), desc=f"wikitext2 ppl ({label}, {seqlen})", disable=not progress, unit="win")
+    for b in range(0, len(indices), batch_size):
+        chunk = indices[b:b + batch_size]
+        ids = torch.stack([tokens[i * seqlen:(i + 1) * seqlen] for i in chunk]).to(device)   # (B, T)
+        logits = model(ids, use_cache=False).logits.float()                                   # (B, T, V)
+        # token-level NLL of tokens 1..T-1 given their prefixes: -log softmax(logits)[next token]
+        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").double().cpu()
+        count += ids[:, 1:].numel()
+        if reference is not None:
+            for j, i in enumerate(chunk):
+                ref = reference(i).to(logits.device)
+                sig += ref.double().pow(2).sum().item()
+                noise += (ref - logits[j]).double().pow(2).sum().item()
+                kl += F.kl_div(logits[j].log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                               reduction="sum").item()
+        bar.update(len(chunk))
+    bar.close()
+    res = PPLResult(float(torch.exp(nll / count)), float(nll), count, len(indices), seqlen, label)
+    if reference is not None:
+        n_pos = len(indices) * seqlen
+        res.extra = {"sqnr_db": 10 * torch.log10(torch.tensor(sig / max(noise, 1e-30))).item(),
+                     "kl": kl / n_pos}
+    return res
+
+
+def tokens_digest(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]

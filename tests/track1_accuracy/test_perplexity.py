@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from slmquant import data, evaluate
+from slmquant.errors import SlmquantError
+from slmquant.models import tiny_model
+
+TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+        "structure in Paris. Its base is square, measuring 125 metres on each side. ") * 4
+
+
+def _hand_written_ppl(model, ids, seqlen):
+    """exp(mean over windows and positions of -log p(next token)), with an explicit log-sum-exp."""
+    total, count = 0.0, 0
+    for w in range(ids.numel() // seqlen):
+        win = ids[w * seqlen:(w + 1) * seqlen]
+        logits = model(win[None]).logits[0].double()
+        for t in range(seqlen - 1):
+            row = logits[t]
+            m = max(row.tolist())
+            lse = m + math.log(sum(math.exp(v - m) for v in row.tolist()))
+            total += lse - row[win[t + 1]].item()
+            count += 1
+    return math.exp(total / count), count
+
+
+def test_perplexity_against_hand_written_cross_entropy():
+    model, tok = tiny_model("llama", seed=0)
+    ids = data.tokenize_text(tok, TEXT)
+    seqlen = 16
+    with torch.no_grad():
+        expected, count = _hand_written_ppl(model, ids, seqlen)
+        res = evaluate.perplexity(model, ids, seqlen=seqlen, batch_size=3, progress=False)
+    assert res.n_tokens == count and res.n_windows == ids.numel() // seqlen
+    assert res.ppl == pytest.approx(expected, rel=1e-5)
+    # random weights: perplexity near the vocabulary size
+    assert 0.3 * len(tok) < res.ppl < 3 * len(tok)
+
+
+def test_window_selection():
+    assert evaluate.select_windows(10, None) == (list(range(10)), "all")
+    assert evaluate.select_windows(10, 3) == ([0, 1, 2], "first:3")
+    idx, label = evaluate.select_windows(100, 5, sample_seed=0)
+    assert len(set(idx)) == 5 and label == "sample:5:seed=0"
+    assert evaluate.select_windows(100, 5, sample_seed=0)[0] == idx
+    with pytest.raises(SlmquantError):
+        evaluate.select_windows(10, 0)
+
+
+def test_smollm2_short_windows(smollm2):
+    model, tok = smollm2
+    tokens = evaluate.wikitext2_tokens(tok)
+    assert 300_000 < tokens.numel() < 310_000        # ~305k tokens of the test string
+    res = evaluate.perplexity(model, tokens, seqlen=256, limit=4, progress=False, reference=lambda i: _ref(model, tokens, i))
+    assert res.n_tokens == 4 * 255
+    assert 5 < res.ppl < 60
+    assert res.extra["sqnr_db"] > 80 and res.extra["kl"] < 1e-8      # the model against itself
+
+
+def _ref(model, tokens, i):
+    with torch.no_grad():
+        return model(tokens[i * 256:(i + 1) * 256][None]).logits[0].float()
