@@ -49,3 +49,67 @@ def smollm2():
 def tok():
     from slmquant.models import smollm2_tokenizer
     return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def snapshot_ext():
+    from tests.baseline import BaselineExtension
+    return BaselineExtension
+
+
+@pytest.fixture
+def baseline(snapshot, snapshot_ext):
+    """syrupy's snapshot with the tolerance-aware baseline extension."""
+    return snapshot.use_extension(snapshot_ext)
+
+
+@pytest.fixture(scope="session")
+def float_models():
+    """model alias -> (float model, tokenizer), loaded once per session."""
+    from slmquant.models import load_model
+    cache = {}
+
+    def get(alias):
+        if alias not in cache:
+            cache[alias] = load_model(alias)
+        return cache[alias]
+    return get
+
+
+@pytest.fixture(scope="session")
+def float_ref(float_models):
+    """(alias, tier) -> {"tokens", "ppl", "logits"}: the float model scored once per session."""
+    from slmquant import evaluate
+    cache = {}
+
+    def get(alias, tier):
+        key = (alias, tier.name)
+        if key not in cache:
+            model, tok = float_models(alias)
+            tokens = evaluate.wikitext2_tokens(tok)
+            logits = {}
+            if tier.logits:
+                for i, _, lg in evaluate.window_logits(model, tokens, tier.seqlen, range(tier.windows)):
+                    logits[i] = lg[0]
+            res = evaluate.perplexity(model, tokens, seqlen=tier.seqlen, limit=tier.windows, progress=False)
+            cache[key] = {"tokens": tokens, "ppl": res.ppl, "logits": logits}
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def quantized(float_models):
+    """cell -> (model, record): each cell quantized once, through the on-disk cache that xdist
+    workers share (file lock per cell); the last two cells stay in memory."""
+    from slmquant.cells import CellCache
+    store = CellCache()
+    memo: dict = {}
+
+    def get(cell):
+        if cell not in memo:
+            model, tok = float_models(cell.model)
+            while len(memo) >= 2:
+                memo.pop(next(iter(memo)))
+            memo[cell] = store.get(cell, model, tok)[:2]
+        return memo[cell]
+    return get

@@ -23,17 +23,12 @@ class QuantConfig:
 
     w_bits / a_bits: weight and activation bits (16: left in floating point).
     group_size: weights quantized per group of this many input channels; None = per output channel.
-    sym: symmetric weights (else asymmetric with a zero point). a_sym: symmetric activations.
-    calib_samples / calib_seqlen: the calibration budget (windows x tokens), for methods that calibrate.
-    seed: calibration sampling seed."""
+    sym: symmetric weights (else asymmetric with a zero point). a_sym: symmetric activations."""
     w_bits: int = 8
     a_bits: int = 8
     group_size: int | None = None
     sym: bool = True
     a_sym: bool = True
-    calib_samples: int = 128
-    calib_seqlen: int = 2048
-    seed: int = 0
 
     def __post_init__(self):
         if not (2 <= self.w_bits <= 8 or self.w_bits == 16):
@@ -42,8 +37,6 @@ class QuantConfig:
             raise SlmquantError(f"a_bits must be 4..8 or 16, got {self.a_bits}")
         if self.group_size is not None and self.group_size < 1:
             raise SlmquantError(f"group_size must be positive, got {self.group_size}")
-        if self.calib_samples < 1 or self.calib_seqlen < 2:
-            raise SlmquantError("calib_samples must be >= 1 and calib_seqlen >= 2")
 
     @property
     def scheme(self) -> str:
@@ -72,11 +65,27 @@ class QuantConfig:
 
 
 @dataclass(frozen=True)
+class CalibConfig(QuantConfig):
+    """QuantConfig plus a calibration budget, for the methods that calibrate.
+
+    calib_samples / calib_seqlen: random windows x tokens of the calibration text (paper: 128 x 2048).
+    seed: the seed that draws the windows."""
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.calib_samples < 1 or self.calib_seqlen < 2:
+            raise SlmquantError("calib_samples must be >= 1 and calib_seqlen >= 2")
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     config: type[QuantConfig]
     fn: Callable
-    needs_calib: bool
+    suite: tuple[tuple[str, dict], ...]    # the (bits, settings) cells of the regression suite
 
     def source_hash(self) -> str:
         """Hash of the method's file and of everything it builds on (quant.py, arch.py, calib.py and
@@ -93,11 +102,18 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, config: type[QuantConfig], needs_calib: bool = True):
+def register(name: str, config: type[QuantConfig], suite=()):
+    """Register `fn(model, calib, cfg) -> model` under `name`; `suite` lists the (bits, settings)
+    cells the regression suite runs for it, so a new method joins the matrix from its own file."""
     def deco(fn):
-        METHODS[name] = Method(name, config, fn, needs_calib)
+        METHODS[name] = Method(name, config, fn, tuple(suite))
         return fn
     return deco
+
+
+def all_methods() -> dict[str, Method]:
+    _load_all()
+    return dict(sorted(METHODS.items()))
 
 
 def _load_all() -> None:
@@ -155,4 +171,4 @@ def quantize(model: nn.Module, method: str, cfg: QuantConfig, calib=None) -> nn.
     return m.fn(model, calib, cfg)
 
 
-__all__ = ["QuantConfig", "METHODS", "register", "get_method", "make_config", "quantize", "dataclasses"]
+__all__ = ["QuantConfig", "CalibConfig", "METHODS", "register", "get_method", "make_config", "quantize", "dataclasses"]

@@ -17,7 +17,11 @@ class RTNConfig(QuantConfig):
     """Round-to-nearest has no settings of its own beyond QuantConfig's."""
 
 
-@register("rtn", RTNConfig, needs_calib=False)
+SUITE = (("w8a8", {}), ("w4a8", {}), ("w4a8", {"sym": False}),
+         ("w4a16", {}), ("w4a16", {"sym": False}), ("w4a16", {"group_size": 64}))
+
+
+@register("rtn", RTNConfig, suite=SUITE)
 @torch.no_grad()
 def rtn(model: nn.Module, calib, cfg: QuantConfig) -> nn.Module:
     """Replace every decoder-layer linear by a QLinear (embeddings and the LM head stay float)."""

@@ -1,0 +1,129 @@
+"""A cell is one model x method x settings; this module builds it (timing the quantization) and
+keeps it in an on-disk cache that pytest-xdist workers and CLI runs share: a file lock per cell,
+atomic writes, a key hashing the model source, every setting and the quantizer's code, and a sha256
+checked on every read, so that a corrupt or stale entry is rebuilt, never trusted."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from filelock import FileLock
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+from . import cost, data
+from .arch import set_submodule
+from .methods import CalibConfig, QuantConfig, get_method
+from .models import cache_dir
+from .quant import QLinear
+
+SHORT_NAMES = {"smollm2-135m": "smollm2", "qwen2.5-0.5b": "qwen2"}
+MODULE_TYPES = {"QLinear": QLinear}        # modules a method may install, rebuilt from their meta()
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    method: str
+    cfg: QuantConfig
+
+    @property
+    def id(self) -> str:
+        parts = [SHORT_NAMES.get(self.model, self.model.replace("/", "_")), self.method, self.cfg.scheme]
+        parts += [f"{k}={v}" for k, v in sorted(self.cfg.settings().items())]
+        return "-".join(parts)
+
+    def key(self, source_key: str) -> str:
+        payload = {"source": source_key, "method": self.method, "cfg": asdict(self.cfg),
+                   "cfg_class": type(self.cfg).__name__, "code": get_method(self.method).source_hash(),
+                   "torch": torch.__version__}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def build(cell: Cell, float_model: nn.Module, tok) -> tuple[nn.Module, dict]:
+    """Quantize a deep copy of the float model; the record holds the cost (track 3)."""
+    method = get_method(cell.method)
+    model = copy.deepcopy(float_model)
+    device = str(next(model.parameters()).device)
+
+    def run():
+        calib = None
+        if isinstance(cell.cfg, CalibConfig):
+            calib = data.calib_windows(tok, cell.cfg.calib_samples, cell.cfg.calib_seqlen, cell.cfg.seed)
+        return method.fn(model, calib, cell.cfg)
+
+    model, c = cost.measure(run, device)
+    record = {"cell": cell.id, "model": cell.model, "method": cell.method, "bits": cell.cfg.scheme,
+              "settings": asdict(cell.cfg), "source": getattr(float_model, "slmquant_source").to_dict(),
+              "cost": c.to_dict(),
+              "calib_budget": ({"samples": cell.cfg.calib_samples, "seqlen": cell.cfg.calib_seqlen}
+                               if isinstance(cell.cfg, CalibConfig) else None)}
+    return model, record
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CellCache:
+    """get(cell, float_model, tok) -> (model, record, built): from disk when a valid entry exists."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else cache_dir() / "cells"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def paths(self, key: str) -> tuple[Path, Path]:
+        return self.root / f"{key}.safetensors", self.root / f"{key}.json"
+
+    def get(self, cell: Cell, float_model: nn.Module, tok):
+        key = cell.key(float_model.slmquant_source.key)
+        with FileLock(str(self.root / f"{key}.lock")):
+            loaded = self._load(key, float_model)
+            if loaded is not None:
+                return (*loaded, False)
+            model, record = build(cell, float_model, tok)
+            self._save(key, model, record)
+            with open(self.root / "builds.log", "a") as f:
+                f.write(f"{time.time():.3f} {os.getpid()} {cell.id} {key}\n")
+            return model, record, True
+
+    def _save(self, key: str, model: nn.Module, record: dict) -> None:
+        weights, meta = self.paths(key)
+        tmp = weights.with_suffix(f".tmp{os.getpid()}")
+        st_save_model(model, str(tmp))
+        modules = {n: m.meta() for n, m in model.named_modules() if type(m).__name__ in MODULE_TYPES}
+        entry = {"record": record, "modules": modules, "sha256": _sha256(tmp), "size": tmp.stat().st_size}
+        os.replace(tmp, weights)
+        tmp_meta = meta.with_suffix(f".tmp{os.getpid()}")
+        tmp_meta.write_text(json.dumps(entry, indent=1, default=str))
+        os.replace(tmp_meta, meta)          # the meta file, written last, marks the entry complete
+
+    def _load(self, key: str, float_model: nn.Module):
+        weights, meta = self.paths(key)
+        if not (weights.is_file() and meta.is_file()):
+            return None
+        try:
+            entry = json.loads(meta.read_text())
+            if weights.stat().st_size != entry["size"] or _sha256(weights) != entry["sha256"]:
+                raise ValueError("checksum mismatch")
+            model = copy.deepcopy(float_model)
+            dtype, device = float_model.dtype, next(float_model.parameters()).device
+            for name, m in entry["modules"].items():
+                set_submodule(model, name, MODULE_TYPES[m["type"]].from_meta(m, dtype=dtype, device=device))
+            st_load_model(model, str(weights), strict=True, device=str(device))
+        except (ValueError, KeyError, OSError, RuntimeError):
+            weights.unlink(missing_ok=True)   # corrupt or stale: rebuilt by the caller, never trusted
+            meta.unlink(missing_ok=True)
+            return None
+        return model, entry["record"]

@@ -1,0 +1,62 @@
+"""What a cell must achieve, and the numbers that say so, kept in one place.
+
+Every ceiling is RTN's value measured on this machine (torch 2.13.0+cpu, float32) with a stated
+margin: every method must do at least as well as round-to-nearest with the same weight settings.
+A cell scoring better than float by more than SUSPICIOUS is flagged: quantization that "improves"
+a model usually means the quantizer did not run."""
+from __future__ import annotations
+
+from slmquant import evaluate
+from slmquant.cells import Cell
+
+SUSPICIOUS = 0.995          # ppl_ratio below this: a suspicious improvement
+
+# Default tier (whole SmolLM2, first 4 windows of 256 tokens), keyed by (scheme, weight setting).
+# Measured RTN ppl_ratio / sqnr_db / kl in the comments; ceilings = measured x (1 + margin).
+# Margins: ratio ceilings +6% at W4 and +1.5 points at W8 (RTN with flooring instead of rounding
+# measures x1.055 at W8A8 and must fail), SQNR floors -15%, KL ceilings +20%.
+DEFAULT_GATES: dict[tuple[str, str], dict] = {
+    # measured RTN: ppl_ratio 1.0256, sqnr 20.00 dB, kl 0.0382
+    ("w8a8", "sym"): {"max_ppl_ratio": 1.04, "min_sqnr_db": 17.0, "max_kl": 0.046},
+    # measured RTN: 2.171, 4.68 dB, 0.990
+    ("w4a8", "sym"): {"max_ppl_ratio": 2.30, "min_sqnr_db": 4.0, "max_kl": 1.19},
+    # measured RTN: 1.697, 3.56 dB, 0.823
+    ("w4a8", "asym"): {"max_ppl_ratio": 1.80, "min_sqnr_db": 3.0, "max_kl": 0.99},
+    # measured RTN: 2.071, 5.28 dB, 0.938
+    ("w4a16", "sym"): {"max_ppl_ratio": 2.20, "min_sqnr_db": 4.5, "max_kl": 1.13},
+    # measured RTN: 1.653, 3.52 dB, 0.788
+    ("w4a16", "asym"): {"max_ppl_ratio": 1.75, "min_sqnr_db": 3.0, "max_kl": 0.95},
+    # measured RTN: 1.341, 5.95 dB, 0.554
+    ("w4a16", "sym-g64"): {"max_ppl_ratio": 1.42, "min_sqnr_db": 5.0, "max_kl": 0.66},
+}
+
+# Quick-profile tier (first 40 windows of 2048), keyed by (model, scheme, weight setting).
+QUICK_GATES: dict[tuple[str, str, str], dict] = {}
+
+
+def weight_setting(cell: Cell) -> str:
+    c = cell.cfg
+    return ("sym" if c.sym else "asym") + (f"-g{c.group_size}" if c.group_size else "")
+
+
+def score(model, tokens, tier, reference=None) -> dict:
+    r = evaluate.perplexity(model, tokens, seqlen=tier.seqlen, limit=tier.windows, progress=False,
+                            reference=reference)
+    return {"ppl": r.ppl, **r.extra}
+
+
+def check(cell: Cell, metrics: dict, gates: dict) -> list[str]:
+    """The gates a cell fails (empty when it passes). metrics: ppl_ratio, and sqnr_db/kl if scored."""
+    out = []
+    r = metrics["ppl_ratio"]
+    if r < SUSPICIOUS:
+        out.append(f"{cell.id}: ppl_ratio {r:.4f} < {SUSPICIOUS}: better than float, suspicious")
+    if "max_ppl_ratio" in gates and r > gates["max_ppl_ratio"]:
+        out.append(f"{cell.id}: ppl_ratio {r:.4f} > ceiling {gates['max_ppl_ratio']}")
+    if "min_sqnr_db" in gates and metrics.get("sqnr_db", float("inf")) < gates["min_sqnr_db"]:
+        out.append(f"{cell.id}: logit SQNR {metrics['sqnr_db']:.2f} dB < floor {gates['min_sqnr_db']}")
+    if "max_kl" in gates and metrics.get("kl", 0.0) > gates["max_kl"]:
+        out.append(f"{cell.id}: KL {metrics['kl']:.4g} > ceiling {gates['max_kl']}")
+    if not gates:
+        out.append(f"{cell.id}: no gate defined for {cell.cfg.scheme}/{weight_setting(cell)}: add one in tests/gates.py")
+    return out

@@ -1,0 +1,49 @@
+"""The matrix of cells, defined once: models x methods x (bits, settings), each a pytest.param with
+its markers. Methods contribute their own (bits, settings) rows through the registry's `suite`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import pytest
+
+from slmquant.cells import SHORT_NAMES, Cell
+from slmquant.methods import CalibConfig, all_methods, make_config
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    models: tuple[str, ...]
+    seqlen: int               # WikiText-2 scoring windows: the first `windows` windows of `seqlen`
+    windows: int
+    calib: tuple[tuple[str, int], ...]   # calibration budget for methods that calibrate
+    logits: bool              # also gate the logit error (SQNR, KL) against float
+    marks: tuple = ()
+
+
+# Default tier: the whole bundled SmolLM2 scored on 4 x 256 tokens (~2 s a cell), small calibration.
+DEFAULT = Tier("default", ("smollm2-135m",), 256, 4, (("calib_samples", 16), ("calib_seqlen", 512)), True)
+# Slow tier: both bundled models on the quick profile's fixed subset (first 40 windows of 2048).
+QUICK = Tier("quick", ("smollm2-135m", "qwen2.5-0.5b"), 2048, 40,
+             (("calib_samples", 32), ("calib_seqlen", 2048)), False, (pytest.mark.slow,))
+
+
+def make_cell(model: str, method: str, bits: str, settings: dict, tier: Tier) -> Cell:
+    cls = all_methods()[method].config
+    over = dict(settings)
+    if issubclass(cls, CalibConfig):
+        names = {f.name for f in fields(cls)}
+        over = {**{k: v for k, v in tier.calib if k in names}, **over}
+    return Cell(model, method, make_config(method, bits, over))
+
+
+def cases(tier: Tier) -> list:
+    out = []
+    for model in tier.models:
+        for name, method in all_methods().items():
+            for bits, settings in method.suite:
+                cell = make_cell(model, name, bits, settings, tier)
+                marks = [getattr(pytest.mark, bits), getattr(pytest.mark, name),
+                         getattr(pytest.mark, SHORT_NAMES[model]), *tier.marks]
+                out.append(pytest.param(cell, marks=marks, id=cell.id))
+    return out
