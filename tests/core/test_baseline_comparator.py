@@ -1,0 +1,44 @@
+import json
+
+from tests.baseline import BaselineExtension, _round, compare
+
+BASE = {"metrics": {"ppl": 20.0, "ppl_ratio": 1.03, "sqnr_db": 20.0, "kl": 0.04}, "source": "x.gguf"}
+
+
+def _with(**metrics):
+    return {"metrics": {**BASE["metrics"], **metrics}, "source": "x.gguf"}
+
+
+def test_equal():
+    assert compare(BASE, BASE) == []
+
+
+def test_inside_tolerance():
+    assert compare(_with(ppl=20.19, sqnr_db=19.6, kl=0.0435), BASE) == []
+
+
+def test_outside_tolerance():
+    diffs = compare(_with(ppl=20.3, sqnr_db=19.4), BASE)
+    assert len(diffs) == 2 and any("/metrics/ppl:" in d for d in diffs) and any("sqnr_db" in d for d in diffs)
+
+
+def test_missing_key():
+    actual = {"metrics": {k: v for k, v in BASE["metrics"].items() if k != "kl"}, "source": "x.gguf"}
+    assert compare(actual, BASE) == ["/metrics/kl: missing (baseline has 0.04)"]
+
+
+def test_new_key():
+    assert compare(_with(tokens_s=5.0), BASE) == ["/metrics/tokens_s: new key (not in the baseline)"]
+
+
+def test_strings_compare_exactly_and_unknown_numbers_tightly():
+    assert compare({**BASE, "source": "y.gguf"}, BASE)
+    assert compare({"n": 1.0005}, {"n": 1.0}) == [] and compare({"n": 1.01}, {"n": 1.0})
+
+
+def test_extension_rounds_and_matches_with_tolerance():
+    ext = BaselineExtension()
+    assert _round({"a": 1.23456789, "b": [2.0000001]}) == {"a": 1.235, "b": [2.0]}
+    stored = json.dumps(_round(BASE))
+    assert ext.matches(serialized_data=json.dumps(_with(ppl=20.1)), snapshot_data=stored)
+    assert not ext.matches(serialized_data=json.dumps(_with(ppl=21.0)), snapshot_data=stored)

@@ -1,0 +1,69 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slmquant.cells import Cell, CellCache
+from slmquant.errors import SlmquantError
+from slmquant.methods import make_config
+from slmquant.models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cell(bits="w4a8", **settings):
+    return Cell("tiny-llama", "rtn", make_config("rtn", bits, settings))
+
+
+def test_cache_builds_once_and_reloads_equal(tmp_path):
+    model, tok = tiny_model("llama")
+    cache = CellCache(tmp_path)
+    ids = torch.randint(0, 1000, (1, 12))
+    q1, rec, built = cache.get(_cell(), model, tok)
+    assert built and rec["cost"]["wall_s"] > 0 and rec["cost"]["peak_mem_bytes"] > 0
+    q2, rec2, built2 = cache.get(_cell(), model, tok)
+    assert not built2 and rec2 == rec
+    assert torch.equal(q1(ids).logits, q2(ids).logits)
+    assert "A=int8/sym/token" in repr(q2.model.layers[0].mlp.down_proj)
+
+
+def test_corrupt_entry_is_rebuilt(tmp_path):
+    model, tok = tiny_model("llama")
+    cache = CellCache(tmp_path)
+    cache.get(_cell(), model, tok)
+    weights = next(tmp_path.glob("*.safetensors"))
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    _, _, built = cache.get(_cell(), model, tok)
+    assert built
+    next(tmp_path.glob("*.json")).write_text("{not json")
+    _, _, built = cache.get(_cell(), model, tok)
+    assert built
+
+
+def test_every_setting_is_part_of_the_identity():
+    a, b, c = _cell(), _cell(sym=False), _cell(group_size=32)
+    assert len({a.id, b.id, c.id}) == 3 and len({a.key("s"), b.key("s"), c.key("s")}) == 3
+    assert b.id == "tiny-llama-rtn-w4a8-sym=False" and a.key("s") != a.key("t")
+    assert make_config("rtn", "w4a16", {"sym": "false", "group_size": "64"}) == make_config(
+        "rtn", "w4a16", {"sym": False, "group_size": 64})
+    with pytest.raises(SlmquantError, match="rtn has no setting 'alpha': settings are w_bits"):
+        make_config("rtn", "w8a8", {"alpha": "0.5"})
+    with pytest.raises(SlmquantError, match="unknown method 'awq': registered methods are"):
+        make_config("awq", "w8a8")
+
+
+def test_xdist_workers_quantize_each_cell_once(tmp_path):
+    env = {**os.environ, "SLMQUANT_CACHE": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider",
+                        str(ROOT / "tests/core/xdist_probe.py")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "8 passed" in p.stdout
+    builds = (tmp_path / "cells" / "builds.log").read_text().splitlines()
+    assert sorted(line.split()[2] for line in builds) == ["tiny-llama-rtn-w4a16", "tiny-llama-rtn-w8a8"]
+    assert len({line.split()[1] for line in builds}) >= 1
