@@ -100,6 +100,31 @@ def _eval_wikitext2(model, tok, limit, profile, data_dir) -> dict:
     return res.to_dict()
 
 
+def _settings(pairs: list[str] | None, group_size: int | None) -> dict:
+    out = {}
+    for kv in pairs or []:
+        if "=" not in kv:
+            raise SlmquantError(f"--set takes key=value, got {kv!r}")
+        k, v = kv.split("=", 1)
+        out[k.strip()] = v
+    if group_size is not None:
+        out["group_size"] = str(group_size)
+    return out
+
+
+def _quantized(args, model, tok, method: str, bits: str):
+    """The quantized cell (from the cell cache when it is there) and its record."""
+    from .cells import Cell, CellCache
+    from .methods import make_config
+    from .profiles import profile_settings
+    over = {**profile_settings(method, args.profile), **_settings(args.set, args.group_size)}
+    cfg = make_config(method, bits, over)
+    cell = Cell(args.model, method, cfg)
+    qmodel, record, built = CellCache().get(cell, model, tok)
+    record = {**record, "from_cache": not built}
+    return qmodel, record
+
+
 def cmd_eval(args) -> dict:
     import torch
     from .models import load_model
@@ -107,30 +132,83 @@ def cmd_eval(args) -> dict:
     unknown = [t for t in tasks if t != "wikitext2"]
     if unknown:
         raise SlmquantError(f"unknown task(s) {unknown}: available now: wikitext2")
+    if (args.method is None) != (args.bits is None) and args.method != "none":
+        raise SlmquantError("give both METHOD and BITS (e.g. rtn w4a8), or neither for the float model")
     limit = _limit(args.limit)
+    if args.data_dir:
+        os.environ["SLMQUANT_DATA"] = args.data_dir
     torch.manual_seed(0)
     model, tok = load_model(args.model, device=_device(args.device))
     result = {"model": args.model, "source": model.slmquant_source.to_dict(), "method": "none",
               "bits": "w16a16", "profile": args.profile, "load_s": round(model.slmquant_load_s, 3),
               "device": str(next(model.parameters()).device), "versions": _versions()}
+    if args.method not in (None, "none"):
+        model, record = _quantized(args, model, tok, args.method, args.bits)
+        result.update(method=args.method, bits=record["bits"], cell=record["cell"],
+                      settings=record["settings"], quantization=record)
     t0 = time.perf_counter()
     result["wikitext2"] = _eval_wikitext2(model, tok, limit, args.profile, args.data_dir)
     result["eval_s"] = round(time.perf_counter() - t0, 2)
     if not args.json:
         w = result["wikitext2"]
-        print(f"{args.model} float: wikitext2 ppl {w['ppl']:.3f} over {w['n_tokens']} tokens "
-              f"({w['windows']} windows of {w['seqlen']}); load {result['load_s']:.1f} s, eval {result['eval_s']:.0f} s")
+        print(f"{result.get('cell', args.model + ' float')}: wikitext2 ppl {w['ppl']:.3f} over {w['n_tokens']} "
+              f"tokens ({w['windows']} windows of {w['seqlen']}); eval {result['eval_s']:.0f} s")
     return result
 
 
-def cmd_run(args) -> dict:
-    args.model, args.tasks, args.limit = args.model or "smollm2-135m", "wikitext2", None
-    res = cmd_eval(args)
+def cmd_quantize(args) -> dict:
+    from safetensors.torch import save_model
+    from .models import load_model
+    if args.data_dir:
+        os.environ["SLMQUANT_DATA"] = args.data_dir
+    model, tok = load_model(args.model, device=_device(args.device))
+    qmodel, record = _quantized(args, model, tok, args.method, args.bits)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "float.json").write_text(json.dumps(res, indent=1))
-    return res
+        save_model(qmodel, str(out / "model.safetensors"))
+        (out / "slmquant_cell.json").write_text(json.dumps(record, indent=1, default=str))
+        record["out"] = str(out)
+    if not args.json:
+        c = record["cost"]
+        print(f"{record['cell']}: quantized in {c['wall_s']:.1f} s, peak {c['peak_mem_bytes'] / 2**20:.0f} MiB "
+              f"({c['mem_counter']}){' [from cache]' if record['from_cache'] else ''}")
+    return record
+
+
+def cmd_run(args) -> dict:
+    """The main job: the float model and every registered method at W8A8 and W4A8 on the bundled
+    default model, scored on the profile's WikiText-2 subset, one table. Each cell's result is
+    written as it finishes and reused on the next run, so an interrupted run resumes."""
+    from .methods import all_methods
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_name = args.model or "smollm2-135m"
+    plan = [("none", None)] + [(m, b) for m in all_methods() for b in ("w8a8", "w4a8")]
+    rows, results = [], {}
+    for method, bits in plan:
+        name = f"{method}-{bits}" if bits else "float"
+        path = out / f"{name}.json"
+        ns = argparse.Namespace(**{**vars(args), "model": model_name, "method": method, "bits": bits,
+                                   "tasks": "wikitext2", "limit": None, "set": None, "group_size": None,
+                                   "json": True})
+        res = json.loads(path.read_text()) if path.is_file() else None
+        if res is None or res.get("profile") != args.profile or res.get("model") != model_name:
+            res = cmd_eval(ns)
+            path.write_text(json.dumps(res, indent=1, default=str))
+        results[name] = res
+        fppl = results["float"]["wikitext2"]["ppl"]
+        q = res.get("quantization", {}).get("cost", {})
+        rows.append({"cell": name, "wikitext2_ppl": res["wikitext2"]["ppl"],
+                     "ppl_ratio": res["wikitext2"]["ppl"] / fppl, "tokens": res["wikitext2"]["n_tokens"],
+                     "quant_s": q.get("wall_s"), "eval_s": res["eval_s"]})
+    if not args.json:
+        src = results["float"]["source"]
+        print(f"\n{model_name} ({src['describes'] or src['ref']}, stand-in for {src['stand_in_for']}), "
+              f"profile {args.profile}, load {results['float']['load_s']:.1f} s")
+        _print_table(rows, ["cell", "wikitext2_ppl", "ppl_ratio", "tokens", "quant_s", "eval_s"])
+        print(f"results in {out}/")
+    return {"model": model_name, "profile": args.profile, "rows": rows, "out": str(out)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,11 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("models", parents=[common], help="aliases, architecture, source, cached or not")
     sub.add_parser("data", parents=[common], help="data directory and checksum status of each file")
-    e = sub.add_parser("eval", parents=[common], help="evaluate a model")
+    e = sub.add_parser("eval", parents=[common], help="evaluate a model, float or quantized")
     e.add_argument("model")
+    e.add_argument("method", nargs="?", default=None, help="none, rtn, ...")
+    e.add_argument("bits", nargs="?", default=None, help="w8a8, w4a8, w4a16, ...")
     e.add_argument("--tasks", default="wikitext2")
     e.add_argument("--limit", default=None, help="N (a seeded sample of N windows/items) or 'all'")
-    for q in (e, sub.add_parser("run", parents=[common], help="the main job on the bundled default model")):
+    qz = sub.add_parser("quantize", parents=[common], help="quantize one cell (cached) and optionally save it")
+    qz.add_argument("model")
+    qz.add_argument("method")
+    qz.add_argument("bits")
+    qz.add_argument("--out", default=None, help="folder for model.safetensors and slmquant_cell.json")
+    for q in (e, qz):
+        q.add_argument("--set", action="append", metavar="KEY=VALUE", help="any field of the method's config")
+        q.add_argument("--group-size", type=int, default=None)
+    for q in (e, qz, sub.add_parser("run", parents=[common], help="the main job on the bundled default model")):
         q.add_argument("--profile", choices=["quick", "paper"], default="quick")
         q.add_argument("--device", default="auto")
     r = sub._name_parser_map["run"]
@@ -155,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"models": cmd_models, "data": cmd_data, "eval": cmd_eval, "run": cmd_run}
+COMMANDS = {"models": cmd_models, "data": cmd_data, "eval": cmd_eval, "quantize": cmd_quantize, "run": cmd_run}
 
 
 def _quiet_imports() -> None:

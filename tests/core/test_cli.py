@@ -43,3 +43,36 @@ def test_eval_json(capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["source"]["stand_in_for"] == "HuggingFaceTB/SmolLM2-135M"
     assert res["wikitext2"]["n_windows"] == 1 and res["wikitext2"]["n_tokens"] == 2047
+
+
+def test_quantize_settings_and_errors(capsys, tmp_path):
+    assert main(["quantize", "smollm2-135m", "rtn", "w4a16", "--set", "sym=false", "--group-size", "64",
+                 "--out", str(tmp_path), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["cell"] == "smollm2-rtn-w4a16-group_size=64-sym=False"
+    assert rec["settings"]["group_size"] == 64 and rec["settings"]["sym"] is False
+    assert rec["cost"]["wall_s"] > 0 and rec["cost"]["peak_mem_bytes"] > 0
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "slmquant_cell.json").is_file()
+    for argv, needle in [(["quantize", "smollm2-135m", "rtn", "w4a9"], "activation bits 9"),
+                         (["quantize", "smollm2-135m", "rtn", "w8a8", "--set", "alpha=1"], "no setting 'alpha'"),
+                         (["quantize", "smollm2-135m", "gptz", "w8a8"], "unknown method 'gptz'"),
+                         (["quantize", "smollm2-135m", "rtn", "w8a8", "--set", "sym"], "--set takes key=value")]:
+        assert main(argv) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_run_writes_resumable_results(monkeypatch, tmp_path, capsys):
+    from slmquant import evaluate
+    monkeypatch.setattr(evaluate, "QUICK_WINDOWS", 1)
+    assert main(["run", "--out", str(tmp_path), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cells = [r["cell"] for r in res["rows"]]
+    assert cells[0] == "float" and {"rtn-w8a8", "rtn-w4a8"} <= set(cells)
+    assert all(r["tokens"] == 2047 for r in res["rows"])
+    ratios = {r["cell"]: r["ppl_ratio"] for r in res["rows"]}
+    assert 1.0 < ratios["rtn-w8a8"] < ratios["rtn-w4a8"]
+    # resumes: a second run reads every cell back instead of evaluating it again
+    stamp = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")}
+    assert main(["run", "--out", str(tmp_path)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")} == stamp
+    assert "rtn-w4a8" in capsys.readouterr().out
