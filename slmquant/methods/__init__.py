@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
-import inspect
 import pkgutil
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -88,11 +87,10 @@ class Method:
     suite: tuple[tuple[str, dict], ...]    # the (bits, settings) cells of the regression suite
 
     def source_hash(self) -> str:
-        """Hash of the method's file and of everything it builds on (quant.py, arch.py, calib.py and
-        this registry), so that a code change invalidates cached cells."""
+        """Hash of every method file (methods compose: smoothquant calls rtn) and of what they build
+        on (quant.py, arch.py, calib.py), so that a code change invalidates cached cells."""
         root = Path(__file__).resolve().parents[1]
-        files = [Path(inspect.getfile(self.fn)), root / "quant.py", root / "arch.py", root / "calib.py",
-                 Path(__file__)]
+        files = sorted(Path(__file__).parent.glob("*.py")) + [root / "quant.py", root / "arch.py", root / "calib.py"]
         h = hashlib.sha256()
         for f in files:
             h.update(f.read_bytes())

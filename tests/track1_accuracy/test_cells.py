@@ -18,8 +18,8 @@ def _measure(cell, tier, quantized, float_ref):
 def test_cell_gate(cell, quantized, float_ref, baseline):
     metrics, record = _measure(cell, DEFAULT, quantized, float_ref)
     failures = gates.check(cell, metrics, gates.DEFAULT_GATES.get((cell.cfg.scheme, gates.weight_setting(cell)), {}))
-    assert not failures, failures
     assert {"metrics": metrics, "source": record["source"]["ref"]} == baseline
+    gates.expect(cell, failures)
 
 
 @pytest.mark.parametrize("cell", cases(QUICK))
@@ -27,5 +27,5 @@ def test_cell_quick_profile(cell, quantized, float_ref, baseline):
     metrics, record = _measure(cell, QUICK, quantized, float_ref)
     key = (cell.model, cell.cfg.scheme, gates.weight_setting(cell))
     failures = gates.check(cell, metrics, gates.QUICK_GATES.get(key, {}))
-    assert not failures, failures
     assert {"metrics": metrics, "source": record["source"]["ref"]} == baseline
+    gates.expect(cell, failures)

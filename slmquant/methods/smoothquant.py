@@ -1,0 +1,108 @@
+"""smoothquant: migrate activation outliers into the weights with per-channel scales (SmoothQuant,
+arXiv 2211.10438), then round with RTN. Weights and activations symmetric, as in the paper.
+
+Steps: calibrate (per-channel max|X| at the inputs of q/k/v, gate/up and o) -> smooth (fold s into
+the preceding norm or v_proj, multiply it into the following linears) -> quantize (rtn).
+Departure: the v -> o smoothing is GQA-aware: one factor per kv channel, shared by the query heads
+of its group."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..arch import arch_map, decoder_layers, heads
+from ..calib import act_absmax, input_hooks
+from ..errors import SlmquantError
+from . import CalibConfig, register
+from .rtn import rtn
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(CalibConfig):
+    """alpha: migration strength α in s_j = max|X_j|^α / max|W_j|^(1-α) (paper: 0.5 for most models).
+    smooth_vo: also smooth v_proj -> o_proj. Calibration: 512 windows of 512 tokens (the paper's)."""
+    alpha: float = 0.5
+    smooth_vo: bool = True
+    calib_samples: int = 512
+    calib_seqlen: int = 512
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.alpha <= 1:
+            raise SlmquantError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+SUITE = (("w8a8", {}), ("w4a8", {}))
+
+
+def smoothing_scales(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), computed in float64, guarded against zeros."""
+    x_max, w_max = x_max.double().clamp(min=1e-5), w_max.double().clamp(min=1e-5)
+    return (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)     # s_j
+
+
+@torch.no_grad()
+def smooth_norm_(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor, offset: float) -> None:
+    """norm(x) / s feeds linears whose input columns are multiplied by s: the product is unchanged.
+    Gemma's norm multiplies by (1 + w): the new w is (1 + w) / s - 1."""
+    w = norm.weight.double()
+    norm.weight.copy_(((offset + w) / s - offset).to(norm.weight.dtype))
+    for lin in linears:
+        lin.weight.copy_((lin.weight.double() * s).to(lin.weight.dtype))          # W[:, j] * s_j
+
+
+@torch.no_grad()
+def smooth_vo_(v: nn.Linear, o: nn.Linear, s_kv: torch.Tensor, group: int, head_dim: int) -> None:
+    """Divide v's output channels by s (one factor per kv channel) and multiply o's input columns
+    by the same factor for every query head of the group: attention is linear in v."""
+    v.weight.copy_((v.weight.double() / s_kv[:, None]).to(v.weight.dtype))
+    if v.bias is not None:
+        v.bias.copy_((v.bias.double() / s_kv).to(v.bias.dtype))
+    s_o = s_kv.view(-1, 1, head_dim).expand(-1, group, head_dim).reshape(-1)     # kv head -> its q heads
+    o.weight.copy_((o.weight.double() * s_o).to(o.weight.dtype))
+
+
+@torch.no_grad()
+def collect_act_max(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of the first linear of each balance group (q and gate share their
+    norm's output with k, v and up) and of o_proj, over every calibration token."""
+    amap, stats = arch_map(model), {}
+    targets = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for b in (amap.attn_in, amap.mlp_in, amap.v_o):
+            targets[f"{i}.{b.linears[0]}"] = layer.get_submodule(b.linears[0])
+    device = next(model.parameters()).device
+    with input_hooks(targets, lambda n, x: act_absmax(stats, n, x)):
+        for w in windows:
+            model(w[None].to(device), use_cache=False)
+    return stats
+
+
+@torch.no_grad()
+def smooth_(model: nn.Module, act_max: dict[str, torch.Tensor], alpha: float, smooth_vo: bool = True) -> nn.Module:
+    """Apply SmoothQuant's equivalent transformation in place (the float output is unchanged)."""
+    amap = arch_map(model)
+    n_q, n_kv, hd = heads(model)
+    for i, layer in enumerate(decoder_layers(model)):
+        for b in (amap.attn_in, amap.mlp_in):
+            lins = [layer.get_submodule(n) for n in b.linears]
+            w_max = torch.stack([l.weight.abs().amax(0) for l in lins]).amax(0)       # max over rows
+            s = smoothing_scales(act_max[f"{i}.{b.linears[0]}"], w_max, alpha)
+            smooth_norm_(layer.get_submodule(b.prev), lins, s, b.prev_offset)
+        if smooth_vo:
+            v, o = layer.get_submodule(amap.v_o.prev), layer.get_submodule(amap.v_o.linears[0])
+            group = n_q // n_kv
+            per_head = lambda t: t.view(n_kv, group, hd).amax(1).reshape(-1)           # reduce a group
+            x_max = per_head(act_max[f"{i}.{amap.v_o.linears[0]}"])
+            w_max = per_head(o.weight.abs().amax(0))
+            smooth_vo_(v, o, smoothing_scales(x_max, w_max, alpha), group, hd)
+    return model
+
+
+@register("smoothquant", SmoothQuantConfig, suite=SUITE)
+@torch.no_grad()
+def smoothquant(model: nn.Module, calib: torch.Tensor, cfg: SmoothQuantConfig) -> nn.Module:
+    smooth_(model, collect_act_max(model, calib), cfg.alpha, cfg.smooth_vo)
+    return rtn(model, None, cfg)
