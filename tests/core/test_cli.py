@@ -62,8 +62,9 @@ def test_quantize_settings_and_errors(capsys, tmp_path):
 
 
 def test_run_writes_resumable_results(monkeypatch, tmp_path, capsys):
-    from slmquant import evaluate
+    from slmquant import evaluate, profiles
     monkeypatch.setattr(evaluate, "QUICK_WINDOWS", 1)
+    monkeypatch.setattr(profiles, "QUICK", {"calib_samples": 2, "calib_seqlen": 256})   # a cheap calibration
     assert main(["run", "--out", str(tmp_path), "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cells = [r["cell"] for r in res["rows"]]
