@@ -21,7 +21,7 @@ from safetensors.torch import save_model as st_save_model
 from . import cost, data
 from .arch import set_submodule
 from .methods import CalibConfig, QuantConfig, get_method
-from .models import cache_dir
+from .models import _sha256, cache_dir
 from .quant import QLinear
 
 SHORT_NAMES = {"smollm2-135m": "smollm2", "qwen2.5-0.5b": "qwen2"}
@@ -66,14 +66,6 @@ def build(cell: Cell, float_model: nn.Module, tok) -> tuple[nn.Module, dict]:
               "calib_budget": ({"samples": cell.cfg.calib_samples, "seqlen": cell.cfg.calib_seqlen}
                                if isinstance(cell.cfg, CalibConfig) else None)}
     return model, record
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class CellCache:
