@@ -90,6 +90,13 @@ class CellCache:
                 f.write(f"{time.time():.3f} {os.getpid()} {cell.id} {key}\n")
             return model, record, True
 
+    def record(self, cell: Cell, source_key: str) -> dict | None:
+        """The stored record of a cell (its cost), without loading the model; None if absent."""
+        try:
+            return json.loads(self.paths(cell.key(source_key))[1].read_text())["record"]
+        except (OSError, ValueError, KeyError):
+            return None
+
     def _save(self, key: str, model: nn.Module, record: dict) -> None:
         weights, meta = self.paths(key)
         tmp = weights.with_suffix(f".tmp{os.getpid()}")

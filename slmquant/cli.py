@@ -89,15 +89,17 @@ def cmd_data(args) -> dict:
     return {"data_dir": str(root), "files": len(files), "ok": len(files) - len(bad)}
 
 
-def _eval_wikitext2(model, tok, limit, profile, data_dir) -> dict:
+def _eval_wikitext2(model, tok, model_key: str, limit, profile, data_dir, fresh: bool = False) -> dict:
     from . import data, evaluate
+    from .measure import MeasureCache
     root = data.data_dir(data_dir)
     tokens = evaluate.wikitext2_tokens(tok, "test", root)
     if limit is None:          # the profile decides: quick = the first 40 windows, paper = all
-        res = evaluate.perplexity(model, tokens, limit=evaluate.QUICK_WINDOWS if profile == "quick" else None)
+        limit, seed = (evaluate.QUICK_WINDOWS if profile == "quick" else None), None
     else:                      # --limit N: a seeded sample of N windows; --limit all: every window
-        res = evaluate.perplexity(model, tokens, limit=limit, sample_seed=None if limit == "all" else 0)
-    return res.to_dict()
+        seed = None if limit == "all" else 0
+    return MeasureCache().wikitext2(model_key, lambda: model, tokens, limit=limit, sample_seed=seed,
+                                    refresh=fresh)
 
 
 def _settings(pairs: list[str] | None, group_size: int | None) -> dict:
@@ -121,12 +123,13 @@ def _quantized(args, model, tok, method: str, bits: str):
     cfg = make_config(method, bits, over)
     cell = Cell(args.model, method, cfg)
     qmodel, record, built = CellCache().get(cell, model, tok)
-    record = {**record, "from_cache": not built}
+    record = {**record, "from_cache": not built, "key": cell.key(model.slmquant_source.key)}
     return qmodel, record
 
 
 def cmd_eval(args) -> dict:
     import torch
+    from .measure import float_key
     from .models import load_model
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t != "wikitext2"]
@@ -139,20 +142,24 @@ def cmd_eval(args) -> dict:
         os.environ["SLMQUANT_DATA"] = args.data_dir
     torch.manual_seed(0)
     model, tok = load_model(args.model, device=_device(args.device))
+    model_key = float_key(model)
     result = {"model": args.model, "source": model.slmquant_source.to_dict(), "method": "none",
               "bits": "w16a16", "profile": args.profile, "load_s": round(model.slmquant_load_s, 3),
               "device": str(next(model.parameters()).device), "versions": _versions()}
     if args.method not in (None, "none"):
         model, record = _quantized(args, model, tok, args.method, args.bits)
+        model_key = record["key"]
         result.update(method=args.method, bits=record["bits"], cell=record["cell"],
                       settings=record["settings"], quantization=record)
     t0 = time.perf_counter()
-    result["wikitext2"] = _eval_wikitext2(model, tok, limit, args.profile, args.data_dir)
+    result["wikitext2"] = _eval_wikitext2(model, tok, model_key, limit, args.profile, args.data_dir,
+                                          getattr(args, "fresh", False))
     result["eval_s"] = round(time.perf_counter() - t0, 2)
     if not args.json:
         w = result["wikitext2"]
         print(f"{result.get('cell', args.model + ' float')}: wikitext2 ppl {w['ppl']:.3f} over {w['n_tokens']} "
-              f"tokens ({w['windows']} windows of {w['seqlen']}); eval {result['eval_s']:.0f} s")
+              f"tokens ({w['windows']} windows of {w['seqlen']}); eval {w['eval_s']:.0f} s"
+              f"{' [measurement from cache]' if w['from_cache'] else ''}")
     return result
 
 
@@ -226,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("bits", nargs="?", default=None, help="w8a8, w4a8, w4a16, ...")
     e.add_argument("--tasks", default="wikitext2")
     e.add_argument("--limit", default=None, help="N (a seeded sample of N windows/items) or 'all'")
+    e.add_argument("--fresh", action="store_true", help="measure again even when a cached measurement exists")
     qz = sub.add_parser("quantize", parents=[common], help="quantize one cell (cached) and optionally save it")
     qz.add_argument("model")
     qz.add_argument("method")

@@ -3,6 +3,8 @@ rows joined with "\\n\\n", tokenized once, cut into non-overlapping windows, exp
 from __future__ import annotations
 
 import hashlib
+import inspect
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,13 @@ class PPLResult:
     seqlen: int
     windows: str            # "all", "first:N" or "sample:N:seed=S"
     extra: dict = field(default_factory=dict)
+    window_nll: list[float] = field(default_factory=list)   # NLL summed over each scored window
+
+    def ppl_of_first(self, n: int) -> float:
+        """Perplexity over the first n scored windows (each scores seqlen - 1 tokens)."""
+        if not 1 <= n <= len(self.window_nll):
+            raise SlmquantError(f"{n} windows asked, {len(self.window_nll)} scored")
+        return math.exp(sum(self.window_nll[:n]) / (n * (self.seqlen - 1)))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,7 +88,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | s
         raise SlmquantError(f"{tokens.numel()} tokens make no window of {seqlen}")
     indices, label = select_windows(n_total, limit, sample_seed)
     device = next(model.parameters()).device
-    nll, count = torch.zeros((), dtype=torch.float64), 0
+    nll, count, window_nll = torch.zeros((), dtype=torch.float64), 0, []
     sig, noise, kl = 0.0, 0.0, 0.0
     bar = tqdm(total=len(indices), desc=f"wikitext2 ppl ({label}, {seqlen})", disable=not progress, unit="win")
     for b in range(0, len(indices), batch_size):
@@ -87,7 +96,10 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | s
         ids = torch.stack([tokens[i * seqlen:(i + 1) * seqlen] for i in chunk]).to(device)   # (B, T)
         logits = model(ids, use_cache=False).logits.float()                                   # (B, T, V)
         # token-level NLL of tokens 1..T-1 given their prefixes: -log softmax(logits)[next token]
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").double().cpu()
+        tok_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        per_window = tok_nll.double().view(len(chunk), -1).sum(1).cpu()
+        window_nll += per_window.tolist()
+        nll += per_window.sum()
         count += ids[:, 1:].numel()
         if reference is not None:
             for j, i in enumerate(chunk):
@@ -98,7 +110,8 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | s
                                reduction="sum").item()
         bar.update(len(chunk))
     bar.close()
-    res = PPLResult(float(torch.exp(nll / count)), float(nll), count, len(indices), seqlen, label)
+    res = PPLResult(float(torch.exp(nll / count)), float(nll), count, len(indices), seqlen, label,
+                    window_nll=window_nll)
     if reference is not None:
         n_pos = len(indices) * seqlen
         res.extra = {"sqnr_db": 10 * torch.log10(torch.tensor(sig / max(noise, 1e-30))).item(),
@@ -108,3 +121,9 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | s
 
 def tokens_digest(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]
+
+
+def scoring_code_hash() -> str:
+    """Hash of the code that turns a model into a perplexity: part of every cached measurement's key."""
+    src = "".join(inspect.getsource(f) for f in (perplexity, select_windows, PPLResult))
+    return hashlib.sha256(src.encode()).hexdigest()[:16]

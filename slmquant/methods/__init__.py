@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import importlib
 import pkgutil
+import sys
+import types
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -87,14 +89,32 @@ class Method:
     suite: tuple[tuple[str, dict], ...]    # the (bits, settings) cells of the regression suite
 
     def source_hash(self) -> str:
-        """Hash of every method file (methods compose: smoothquant calls rtn) and of what they build
-        on (quant.py, arch.py, calib.py), so that a code change invalidates cached cells."""
-        root = Path(__file__).resolve().parents[1]
-        files = sorted(Path(__file__).parent.glob("*.py")) + [root / "quant.py", root / "arch.py", root / "calib.py"]
+        """Hash of the method's file and of every slmquant module it uses, transitively (smoothquant
+        calls rtn; everything uses quant.py and arch.py), so that a code change invalidates the
+        cached cells it can affect and no others."""
         h = hashlib.sha256()
-        for f in files:
-            h.update(f.read_bytes())
+        for name in sorted(_module_closure(self.fn.__module__)):
+            h.update(name.encode())
+            h.update(Path(sys.modules[name].__file__).read_bytes())
         return h.hexdigest()[:16]
+
+
+def _module_closure(root: str) -> set[str]:
+    """The slmquant modules that `root` reaches through its globals (imported modules, functions,
+    classes), transitively."""
+    seen, todo = set(), [root]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for v in vars(importlib.import_module(name)).values():
+            dep = v.__name__ if isinstance(v, types.ModuleType) else getattr(v, "__module__", None)
+            if isinstance(v, types.ModuleType) and dep.startswith(name + "."):
+                continue        # a package's submodules are attributes of it, not its imports
+            if isinstance(dep, str) and dep.split(".")[0] == "slmquant" and dep not in seen:
+                todo.append(dep)
+    return seen
 
 
 METHODS: dict[str, Method] = {}

@@ -67,3 +67,12 @@ def test_xdist_workers_quantize_each_cell_once(tmp_path):
     builds = (tmp_path / "cells" / "builds.log").read_text().splitlines()
     assert sorted(line.split()[2] for line in builds) == ["tiny-llama-rtn-w4a16", "tiny-llama-rtn-w8a8"]
     assert len({line.split()[1] for line in builds}) >= 1
+
+
+def test_code_hash_covers_what_a_method_uses_and_nothing_else():
+    from slmquant.methods import _module_closure, get_method
+    rtn = _module_closure(get_method("rtn").fn.__module__)
+    sq = _module_closure(get_method("smoothquant").fn.__module__)
+    assert {"slmquant.quant", "slmquant.arch", "slmquant.methods.rtn"} <= rtn
+    assert "slmquant.methods.smoothquant" not in rtn and "slmquant.methods.gptq" not in rtn
+    assert rtn < sq and "slmquant.calib" in sq            # smoothquant calls rtn: its hash covers rtn.py

@@ -62,3 +62,35 @@ def test_smollm2_short_windows(smollm2):
 def _ref(model, tokens, i):
     with torch.no_grad():
         return model(tokens[i * 256:(i + 1) * 256][None]).logits[0].float()
+
+
+def test_window_nll_gives_the_perplexity_of_a_prefix():
+    model, tok = tiny_model("llama", seed=0)
+    ids = torch.randint(0, 1000, (5 * 32,))
+    full = evaluate.perplexity(model, ids, seqlen=32, batch_size=2, progress=False)
+    two = evaluate.perplexity(model, ids, seqlen=32, limit=2, progress=False)
+    assert len(full.window_nll) == 5 and math.isclose(sum(full.window_nll), full.nll_sum, rel_tol=1e-9)
+    assert math.isclose(full.ppl_of_first(2), two.ppl, rel_tol=1e-6)
+    with pytest.raises(SlmquantError):
+        full.ppl_of_first(6)
+
+
+def test_measurement_cache_hits_misses_and_corruption(tmp_path):
+    from slmquant.measure import MeasureCache
+    model, tok = tiny_model("llama", seed=0)
+    ids = torch.randint(0, 1000, (4 * 32,))
+    store, loads = MeasureCache(tmp_path), []
+
+    def load():
+        loads.append(1)
+        return model
+    a = store.wikitext2("m1", load, ids, seqlen=32, limit=2, progress=False)
+    b = store.wikitext2("m1", load, ids, seqlen=32, limit=2, progress=False)
+    assert not a["from_cache"] and b["from_cache"] and a["ppl"] == b["ppl"] and len(loads) == 1
+    store.wikitext2("m1", load, ids, seqlen=32, limit=3, progress=False)       # other windows: measured
+    store.wikitext2("m2", load, ids, seqlen=32, limit=2, progress=False)       # other model state
+    assert len(loads) == 3
+    for f in tmp_path.glob("ppl-*.json"):
+        f.write_text("{truncated")
+    c = store.wikitext2("m1", load, ids, seqlen=32, limit=2, progress=False)
+    assert not c["from_cache"] and c["ppl"] == a["ppl"] and len(loads) == 4

@@ -1,0 +1,92 @@
+"""The README's quick-profile perplexity table: every cell of the suite (the float model, then each
+registered method's rows) on both bundled models, WikiText-2 on the first 40 windows of 2048 tokens,
+calibration at the quick profile's budget. Cells and measurements come from the on-disk caches, so
+a rerun is cheap and an interrupted run resumes.
+
+    .venv/bin/python scripts/quick_table.py [--models smollm2-135m,qwen2.5-0.5b] [--methods rtn,gptq]
+        [--only SUBSTRING] [--out results/quick_table.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from slmquant import evaluate
+from slmquant.cells import Cell, CellCache
+from slmquant.measure import MeasureCache, float_key
+from slmquant.methods import all_methods, make_config
+from slmquant.models import load_model
+from slmquant.profiles import profile_settings
+
+
+def plan(models: list[str], methods: list[str] | None, only: str | None, skip: str | None = None):
+    for model in models:
+        yield model, None
+        for name, m in all_methods().items():
+            if methods and name not in methods:
+                continue
+            for bits, settings in m.suite:
+                cell = Cell(model, name, make_config(name, bits, {**profile_settings(name, "quick"), **settings}))
+                if (only is None or only in cell.id) and (skip is None or skip not in cell.id):
+                    yield model, cell
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="smollm2-135m,qwen2.5-0.5b")
+    p.add_argument("--methods", default=None, help="comma-separated; default: every registered method")
+    p.add_argument("--only", default=None, help="only cells whose id contains this")
+    p.add_argument("--skip", default=None, help="skip cells whose id contains this")
+    p.add_argument("--out", default="results/quick_table.json")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(out.read_text()) if out.is_file() else {}
+    cells, measures = CellCache(), MeasureCache()
+    loaded: dict = {}
+    for model_name, cell in plan(args.models.split(","), args.methods and args.methods.split(","),
+                                 args.only, args.skip):
+        if model_name not in loaded:
+            loaded.clear()
+            loaded[model_name] = load_model(model_name)
+        fmodel, tok = loaded[model_name]
+        tokens = evaluate.wikitext2_tokens(tok)
+        t0 = time.perf_counter()
+        if cell is None:
+            cid, key = f"{model_name}-float", float_key(fmodel)
+            load = lambda: fmodel
+        else:
+            cid, key = cell.id, cell.key(fmodel.slmquant_source.key)
+
+            def load(cell=cell):
+                torch.manual_seed(0)
+                return cells.get(cell, fmodel, tok)[0]
+        res = measures.wikitext2(key, load, tokens, limit=evaluate.QUICK_WINDOWS)
+        first20 = evaluate.PPLResult(**{k: res[k] for k in ("ppl", "nll_sum", "n_tokens", "n_windows", "seqlen",
+                                                             "windows", "window_nll")}).ppl_of_first(20)
+        row = {"cell": cid, "model": model_name, "ppl_40": res["ppl"], "ppl_20": first20,
+               "n_tokens": res["n_tokens"], "eval_s": res["eval_s"], "key": key}
+        rec = cells.record(cell, fmodel.slmquant_source.key) if cell is not None else None
+        if rec:
+            row["quant_s"] = rec["cost"]["wall_s"]
+            row["quant_peak_mib"] = round(rec["cost"]["peak_mem_bytes"] / 2**20)
+        rows[cid] = row
+        out.write_text(json.dumps(rows, indent=1))
+        print(f"{cid}: ppl40 {res['ppl']:.3f} ppl20 {first20:.3f} ({time.perf_counter() - t0:.0f} s"
+              f"{', cached' if res['from_cache'] else ''})", flush=True)
+    print("\n| cell | ppl (40 windows) | ppl (first 20) | x float |")
+    print("|---|---|---|---|")
+    for cid, r in rows.items():
+        f = rows.get(f"{r['model']}-float")
+        ratio = f"{r['ppl_40'] / f['ppl_40']:.3f}" if f else "-"
+        print(f"| {cid} | {r['ppl_40']:.3f} | {r['ppl_20']:.3f} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Cached perplexity measurements. A whole-model WikiText-2 score costs minutes on a CPU, so each
+one is kept on disk under a key that hashes what it depends on: the model state (a cell's cache key,
+itself a hash of the model source, every setting and the quantizer's code, or the float model's
+source and dtype), the scoring windows, the token ids, the scoring code, and the torch version.
+Change any of them and the measurement is taken again; the CLI and the slow test tier share it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from filelock import FileLock
+
+from . import evaluate
+from .models import cache_dir
+
+
+def float_key(model) -> str:
+    """The model-state key of an unquantized model."""
+    return f"float:{model.slmquant_source.key}:{model.dtype}"
+
+
+class MeasureCache:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else cache_dir() / "measurements"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(model_key: str, tokens: torch.Tensor, seqlen: int, limit, sample_seed) -> str:
+        payload = {"model": model_key, "tokens": evaluate.tokens_digest(tokens), "seqlen": seqlen,
+                   "limit": str(limit), "sample_seed": sample_seed, "code": evaluate.scoring_code_hash(),
+                   "torch": torch.__version__}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+    def wikitext2(self, model_key: str, load: Callable[[], torch.nn.Module], tokens: torch.Tensor,
+                  seqlen: int = evaluate.SEQLEN, limit=None, sample_seed: int | None = None,
+                  progress: bool = True, refresh: bool = False) -> dict:
+        """PPLResult as a dict plus eval_s and from_cache; `load()` is called only on a miss."""
+        key = self.key(model_key, tokens, seqlen, limit, sample_seed)
+        path = self.root / f"ppl-{key}.json"
+        with FileLock(str(path.with_suffix(".lock"))):
+            if path.is_file() and not refresh:
+                try:
+                    res = json.loads(path.read_text())
+                    if res.get("key") == key and "ppl" in res:
+                        return {**res, "from_cache": True}
+                except (json.JSONDecodeError, OSError):
+                    pass                        # corrupt: measured again below
+            model = load()
+            t0 = time.perf_counter()
+            r = evaluate.perplexity(model, tokens, seqlen=seqlen, limit=limit, sample_seed=sample_seed,
+                                    progress=progress)
+            res = {**r.to_dict(), "eval_s": round(time.perf_counter() - t0, 2), "key": key,
+                   "model_key": model_key}
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(res))
+            os.replace(tmp, path)
+            return {**res, "from_cache": False}

@@ -1,0 +1,182 @@
+"""gptq: Hessian-based weight rounding (GPTQ, arXiv 2210.17323), layer by layer on the partly
+quantized model. For each linear, H = 2/N sum x x^T over its calibration inputs; the columns of W
+are rounded one at a time and the rounding error of each is spread over the columns not yet rounded
+through the inverse Hessian (its upper Cholesky factor), in lazy blocks of `block_size` columns.
+
+Settings as the paper and its reference code: block 128, damping 0.01 of the mean diagonal, dead
+inputs (zero diagonal) zeroed, optional activation order (columns by decreasing diagonal). Groups:
+a group's scale is taken when the algorithm reaches its first column, from the weights as updated so
+far (exactly: including the pending updates of the current block, where the reference code reads
+weights that lack them when a group starts inside a block); with act_order, groups are instead fixed up front on the original column order ("static
+groups"), so that every group still covers consecutive input channels and the model can be stored
+as an ordinary group-quantized one.
+
+Also the weight step of other methods: `gptq_(model, calib, cfg, a_spec)` rounds every decoder
+linear and installs QLinears that quantize their inputs with `a_spec`."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..arch import arch_map, decoder_layers
+from ..calib import accumulate_hessian, input_hooks, make_hessian, walk_layers
+from ..errors import SlmquantError
+from ..quant import QLinear, QSpec, fake_quant, qparams
+from . import CalibConfig, register
+
+
+@dataclass(frozen=True)
+class GPTQConfig(CalibConfig):
+    """block_size: columns per lazy-update block (paper: 128).
+    damp: fraction of the mean Hessian diagonal added to the diagonal (paper: 0.01).
+    act_order: round columns by decreasing Hessian diagonal (with groups: static groups).
+    true_sequential: within a layer, collect each linear's Hessian after the linears before it
+    (q/k/v, then o, then gate/up, then down) are rounded; off: one calibration pass per layer."""
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    true_sequential: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.block_size < 1:
+            raise SlmquantError(f"block_size must be positive, got {self.block_size}")
+        if not 0 <= self.damp < 1:
+            raise SlmquantError(f"damp must be in [0, 1), got {self.damp}")
+
+
+SUITE = (("w8a8", {}), ("w4a8", {}), ("w4a8", {"sym": False}),
+         ("w4a16", {}), ("w4a16", {"sym": False}), ("w4a16", {"group_size": 64}))
+
+
+@torch.no_grad()
+def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size: int = 128,
+                damp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, float]:
+    """Round W (out, in) against the Hessian H (in, in) of its inputs. Returns the rounded weights
+    (dequantized, W's dtype) and the proxy loss sum_rows sum_cols (w - q)^2 / [H^-1]_cc / 2.
+    spec None rounds nothing (the identity): the error feedback then has nothing to spread."""
+    dt = torch.float64 if W.dtype == torch.float64 else torch.float32       # at least float32
+    W0, W = W, W.detach().clone().to(dt)
+    H = H.detach().clone().to(dt)
+    n_in = W.shape[1]
+    if spec is not None and spec.granularity == "group" and n_in % spec.group_size:
+        raise SlmquantError(f"group_size {spec.group_size} does not divide the width {n_in}")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    group = spec.group_size if spec is not None and spec.granularity == "group" else None
+    col_spec = dataclasses.replace(spec, granularity="channel", group_size=None) if spec else None
+    static = None
+    if spec is not None and group is None:
+        static = qparams(W, col_spec)                                   # one (scale, zero) per row
+    elif group is not None and act_order:                               # static groups, original order
+        static = [qparams(W[:, g:g + group], col_spec) for g in range(0, n_in, group)]
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n_in)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n_in, dtype=H.dtype, device=H.device)
+    # the upper Cholesky factor of H^-1: row c holds what rounding column c does to the later columns
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    Q = torch.zeros_like(W)
+    loss = 0.0
+    params = static if group is None else None
+    for b0 in range(0, n_in, block_size):
+        b1 = min(b0 + block_size, n_in)
+        W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
+        Err1 = torch.zeros_like(W1)
+        for i in range(b1 - b0):
+            c = b0 + i                                                  # position in rounding order
+            w, d = W1[:, i], Hinv1[i, i]
+            if spec is None:
+                q = w
+            else:
+                if group is not None:
+                    if act_order:
+                        params = static[int(perm[c]) // group]
+                    elif c % group == 0:
+                        params = qparams(_current(W, W1, Err1, Hinv, b0, b1, i, group), col_spec)
+                q = fake_quant(w[:, None], col_spec, *params)[:, 0]
+            Q[:, c] = q
+            err = (w - q) / d
+            loss += float((w - q).pow(2).sum() / d**2 / 2)
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]                             # the lazy batch update
+    Q = Q[:, torch.argsort(perm)]
+    return Q.to(W0.dtype), loss
+
+
+def _current(W, W1, Err1, Hinv, b0: int, b1: int, i: int, n: int) -> torch.Tensor:
+    """Columns c..c+n (c = b0 + i) as they stand now: those inside the block from W1, those past it
+    from W plus the block's pending lazy update, so that results do not depend on the block size."""
+    cur = W1[:, i:i + n]
+    ahead = n - cur.shape[1]
+    if ahead > 0:
+        cur = torch.cat([cur, W[:, b1:b1 + ahead] - Err1[:, :i] @ Hinv[b0:b0 + i, b1:b1 + ahead]], 1)
+    return cur
+
+
+def _sequential_groups(model: nn.Module, true_sequential: bool) -> list[tuple[str, ...]]:
+    amap = arch_map(model)
+    steps = [amap.attn_in.linears, amap.v_o.linears, amap.mlp_in.linears, amap.up_down.linears]
+    return steps if true_sequential else [tuple(n for s in steps for n in s)]
+
+
+@torch.no_grad()
+def gptq_(model: nn.Module, calib: torch.Tensor, cfg: GPTQConfig, a_spec: QSpec | None,
+          progress: bool = True) -> dict[str, float]:
+    """Round every decoder linear of `model` with GPTQ, in place, and install QLinears that quantize
+    their inputs with a_spec. Layer by layer: each layer's inputs come from the earlier layers
+    already quantized; only one layer's Hessians are held at a time. Returns the proxy loss of
+    each linear."""
+    if calib is None:
+        raise SlmquantError("gptq needs calibration windows")
+    losses: dict[str, float] = {}
+    bar = tqdm(total=len(decoder_layers(model)), desc="gptq", unit="layer", disable=not progress)
+
+    def quantize_layer(i: int, layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> None:
+        for names in _sequential_groups(model, cfg.true_sequential):
+            mods = {n: layer.get_submodule(n) for n in names}
+            hess: dict[str, dict] = {}
+            _collect(layer, mods, inputs, kwargs, hess)
+            for n, m in mods.items():
+                Q, loss = gptq_weight(m.weight, hess[n]["H"], cfg.w_spec, cfg.block_size, cfg.damp, cfg.act_order)
+                losses[f"{i}.{n}"] = loss
+                layer.set_submodule(n, QLinear.from_linear(m, cfg.w_spec, a_spec, weight=Q))
+            del hess
+        bar.update(1)
+
+    walk_layers(model, calib, quantize_layer)
+    bar.close()
+    return losses
+
+
+def _collect(layer: nn.Module, mods: dict[str, nn.Module], inputs, kwargs, hess: dict) -> None:
+    """Run the layer on every calibration window, accumulating each linear's input Hessian. Linears
+    fed by the same tensor (q/k/v after one norm) get the Hessian computed once and shared."""
+    seen: dict[int, tuple[str, torch.Tensor]] = {}   # holding x keeps its id from being reused
+
+    def collect(name: str, x: torch.Tensor) -> None:
+        if id(x) in seen and seen[id(x)][0] != name:   # the same input tensor as an earlier linear
+            hess.setdefault(name, hess[seen[id(x)][0]])
+            return
+        seen[id(x)] = (name, x)
+        accumulate_hessian(hess.setdefault(name, make_hessian(x.shape[-1], x.device)), x)
+
+    with input_hooks(mods, collect):
+        for x in inputs:
+            seen.clear()
+            layer(x, **kwargs)
+
+
+@register("gptq", GPTQConfig, suite=SUITE)
+@torch.no_grad()
+def gptq(model: nn.Module, calib: torch.Tensor, cfg: GPTQConfig) -> nn.Module:
+    gptq_(model, calib, cfg, cfg.a_spec)
+    return model
