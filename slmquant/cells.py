@@ -64,7 +64,8 @@ def build(cell: Cell, float_model: nn.Module, tok) -> tuple[nn.Module, dict]:
               "settings": asdict(cell.cfg), "source": getattr(float_model, "slmquant_source").to_dict(),
               "cost": c.to_dict(),
               "calib_budget": ({"samples": cell.cfg.calib_samples, "seqlen": cell.cfg.calib_seqlen}
-                               if isinstance(cell.cfg, CalibConfig) else None)}
+                               if isinstance(cell.cfg, CalibConfig) else None),
+              "method_info": getattr(model, "slmquant_method_info", None)}
     return model, record
 
 

@@ -117,3 +117,12 @@ def test_gptq_layer_output_error_below_rtn(arch):
         outs[method] = torch.cat(run_layer(model.model.layers[0], state.hidden, state.layer_kwargs[0]))
     err = {m: (outs[m] - outs["float"]).pow(2).sum().item() for m in ("rtn", "gptq")}
     assert err["gptq"] < err["rtn"], err
+
+
+def test_rows_round_independently():
+    """What lets q/k/v (one Hessian) be rounded as one stacked matrix."""
+    W, _, H = _data(5)
+    spec = QSpec(4, sym=False)
+    Q, _ = gptq_weight(W, H, spec)
+    parts = [gptq_weight(w, H, spec)[0] for w in W.split([10, 14])]
+    assert torch.allclose(Q, torch.cat(parts), atol=1e-12)

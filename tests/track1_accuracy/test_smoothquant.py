@@ -51,3 +51,28 @@ def test_smoothquant_runs_end_to_end_on_a_tiny_model():
     cfg = make_config("smoothquant", "w8a8", {"calib_samples": 2, "calib_seqlen": 16})
     quantize(model, "smoothquant", cfg, calib=torch.randint(0, 5000, (2, 16)))
     assert "A=int8/sym/token" in repr(model.model.layers[0].self_attn.q_proj)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_alpha_search_scores_every_alpha_of_every_layer(arch):
+    """The search measures a real layer error for each alpha of the grid on each layer (they differ),
+    and quantizes the layers as it walks them."""
+    from slmquant.methods.smoothquant import ALPHA_GRID, search_alpha_
+    model, _ = tiny_model(arch, seed=3)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] += 30.0          # an outlier channel
+    calib = torch.randint(0, 5000, (4, 32))
+    cfg = make_config("smoothquant", "w4a8", {"alpha_search": True, "calib_samples": 4, "calib_seqlen": 32})
+    errors = search_alpha_(model, calib, collect_act_max(model, calib), cfg)
+    assert set(errors) == set(range(len(model.model.layers))) and set(errors[0]) == set(ALPHA_GRID)
+    assert len({round(e, 6) for e in errors[0].values()}) > 1               # alpha matters
+    assert "W=int4" in repr(model.model.layers[0].self_attn.q_proj)          # quantized in the walk
+
+
+def test_smoothquant_with_gptq_weights_and_search_records_alphas():
+    model, _ = tiny_model("llama", seed=1)
+    cfg = make_config("smoothquant", "w4a8", {"calib_samples": 2, "calib_seqlen": 16, "alpha_search": True,
+                                              "weights": "gptq"})
+    quantize(model, "smoothquant", cfg, calib=torch.randint(0, 5000, (2, 16)))
+    assert set(model.slmquant_method_info["alpha"]) == {0, 1}
+    assert "A=int8/sym/token" in repr(model.model.layers[1].mlp.down_proj)
