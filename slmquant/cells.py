@@ -84,12 +84,39 @@ class CellCache:
         with FileLock(str(self.root / f"{key}.lock")):
             loaded = self._load(key, float_model)
             if loaded is not None:
+                os.utime(self.paths(key)[1])          # last use, for prune()
                 return (*loaded, False)
             model, record = build(cell, float_model, tok)
             self._save(key, model, record)
             with open(self.root / "builds.log", "a") as f:
                 f.write(f"{time.time():.3f} {os.getpid()} {cell.id} {key}\n")
             return model, record, True
+
+    def entries(self) -> list[dict]:
+        """Every complete entry: key, cell id, size in bytes, last use (meta file mtime)."""
+        out = []
+        for meta in self.root.glob("*.json"):
+            weights = meta.with_suffix(".safetensors")
+            try:
+                cell = json.loads(meta.read_text())["record"]["cell"]
+            except (OSError, ValueError, KeyError):
+                cell = None
+            size = meta.stat().st_size + (weights.stat().st_size if weights.is_file() else 0)
+            out.append({"key": meta.stem, "cell": cell, "bytes": size, "last_used": meta.stat().st_mtime})
+        return sorted(out, key=lambda e: e["last_used"], reverse=True)
+
+    def prune(self, max_bytes: int) -> list[dict]:
+        """Remove the least recently used entries until the cache holds at most max_bytes; stale
+        entries (from older code or settings) are never used again, so they go first in time."""
+        removed, total = [], 0
+        for e in self.entries():
+            total += e["bytes"]
+            if total > max_bytes:
+                with FileLock(str(self.root / f"{e['key']}.lock")):
+                    for p in self.paths(e["key"]):
+                        p.unlink(missing_ok=True)
+                removed.append(e)
+        return removed
 
     def record(self, cell: Cell, source_key: str) -> dict | None:
         """The stored record of a cell (its cost), without loading the model; None if absent."""

@@ -183,6 +183,21 @@ def cmd_quantize(args) -> dict:
     return record
 
 
+def cmd_cache(args) -> dict:
+    from .cells import CellCache
+    cache = CellCache()
+    removed = cache.prune(int(args.max_gb * 2**30)) if args.max_gb is not None else []
+    entries = cache.entries()
+    total = sum(e["bytes"] for e in entries)
+    if not args.json:
+        print(f"cell cache {cache.root}: {len(entries)} entries, {total / 2**30:.2f} GiB"
+              + (f"; removed {len(removed)} least recently used" if removed else ""))
+        for e in entries[:args.show]:
+            print(f"  {time.strftime('%Y-%m-%d %H:%M', time.localtime(e['last_used']))}  "
+                  f"{e['bytes'] / 2**20:7.0f} MiB  {e['cell']}")
+    return {"root": str(cache.root), "entries": len(entries), "bytes": total, "removed": len(removed)}
+
+
 def cmd_run(args) -> dict:
     """The main job: the float model and every registered method at W8A8 and W4A8 on the bundled
     default model, scored on the profile's WikiText-2 subset, one table. Each cell's result is
@@ -227,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("models", parents=[common], help="aliases, architecture, source, cached or not")
     sub.add_parser("data", parents=[common], help="data directory and checksum status of each file")
+    c = sub.add_parser("cache", parents=[common], help="size of the cell cache; --max-gb prunes it (LRU)")
+    c.add_argument("--max-gb", type=float, default=None, help="remove least recently used cells beyond this")
+    c.add_argument("--show", type=int, default=10, help="list this many most recent entries")
     e = sub.add_parser("eval", parents=[common], help="evaluate a model, float or quantized")
     e.add_argument("model")
     e.add_argument("method", nargs="?", default=None, help="none, rtn, ...")
@@ -251,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"models": cmd_models, "data": cmd_data, "eval": cmd_eval, "quantize": cmd_quantize, "run": cmd_run}
+COMMANDS = {"cache": cmd_cache, "models": cmd_models, "data": cmd_data, "eval": cmd_eval, "quantize": cmd_quantize, "run": cmd_run}
 
 
 def _quiet_imports() -> None:

@@ -76,3 +76,16 @@ def test_code_hash_covers_what_a_method_uses_and_nothing_else():
     assert {"slmquant.quant", "slmquant.arch", "slmquant.methods.rtn"} <= rtn
     assert "slmquant.methods.smoothquant" not in rtn and "slmquant.methods.gptq" not in rtn
     assert rtn < sq and "slmquant.calib" in sq            # smoothquant calls rtn: its hash covers rtn.py
+
+
+def test_prune_removes_least_recently_used(tmp_path):
+    model, tok = tiny_model("llama")
+    cache = CellCache(tmp_path)
+    for bits in ("w8a8", "w4a8", "w4a16"):
+        cache.get(_cell(bits), model, tok)
+    cache.get(_cell("w8a8"), model, tok)                      # used again: now the most recent
+    sizes = {e["cell"]: e["bytes"] for e in cache.entries()}
+    removed = cache.prune(sizes["tiny-llama-rtn-w8a8"] + sizes["tiny-llama-rtn-w4a16"])
+    assert [e["cell"] for e in removed] == ["tiny-llama-rtn-w4a8"]
+    assert {e["cell"] for e in cache.entries()} == {"tiny-llama-rtn-w8a8", "tiny-llama-rtn-w4a16"}
+    assert not cache.get(_cell("w8a8"), model, tok)[2] and cache.get(_cell("w4a8"), model, tok)[2]
