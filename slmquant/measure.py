@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -50,13 +51,39 @@ class MeasureCache:
                         return {**res, "from_cache": True}
                 except (json.JSONDecodeError, OSError):
                     pass                        # corrupt: measured again below
+            derived = self._prefix_of_all(model_key, tokens, seqlen, limit, sample_seed)
+            if derived is not None:
+                return derived
             model = load()
             t0 = time.perf_counter()
             r = evaluate.perplexity(model, tokens, seqlen=seqlen, limit=limit, sample_seed=sample_seed,
                                     progress=progress)
             res = {**r.to_dict(), "eval_s": round(time.perf_counter() - t0, 2), "key": key,
                    "model_key": model_key}
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(res))
-            os.replace(tmp, path)
+            self._write(path, res)
             return {**res, "from_cache": False}
+
+    def _prefix_of_all(self, model_key, tokens, seqlen, limit, sample_seed) -> dict | None:
+        """The first N windows are a prefix of a full-test-set measurement: derive them from its
+        per-window NLL instead of scoring them again (the windows are identical)."""
+        if sample_seed is not None or limit in (None, "all"):
+            return None
+        path = self.root / f"ppl-{self.key(model_key, tokens, seqlen, 'all', None)}.json"
+        try:
+            full = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        n = min(int(limit), full["n_windows"])
+        if len(full.get("window_nll", [])) != full["n_windows"]:
+            return None
+        nll = full["window_nll"][:n]
+        return {"ppl": math.exp(sum(nll) / (n * (seqlen - 1))), "nll_sum": sum(nll), "n_tokens": n * (seqlen - 1),
+                "n_windows": n, "seqlen": seqlen, "windows": f"first:{n}", "extra": {}, "window_nll": nll,
+                "eval_s": 0.0, "key": self.key(model_key, tokens, seqlen, limit, sample_seed),
+                "model_key": model_key, "derived_from": full["key"], "from_cache": True}
+
+    @staticmethod
+    def _write(path: Path, res: dict) -> None:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(res))
+        os.replace(tmp, path)

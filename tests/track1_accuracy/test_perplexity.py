@@ -94,3 +94,14 @@ def test_measurement_cache_hits_misses_and_corruption(tmp_path):
         f.write_text("{truncated")
     c = store.wikitext2("m1", load, ids, seqlen=32, limit=2, progress=False)
     assert not c["from_cache"] and c["ppl"] == a["ppl"] and len(loads) == 4
+
+
+def test_first_windows_derive_from_a_full_measurement(tmp_path):
+    from slmquant.measure import MeasureCache
+    model, tok = tiny_model("llama", seed=0)
+    ids = torch.randint(0, 1000, (4 * 32,))
+    store = MeasureCache(tmp_path)
+    full = store.wikitext2("m", lambda: model, ids, seqlen=32, limit="all", progress=False)
+    two = store.wikitext2("m", lambda: pytest.fail("must not score again"), ids, seqlen=32, limit=2, progress=False)
+    direct = evaluate.perplexity(model, ids, seqlen=32, limit=2, progress=False)
+    assert two["derived_from"] == full["key"] and math.isclose(two["ppl"], direct.ppl, rel_tol=1e-6)
