@@ -42,3 +42,16 @@ def test_extension_rounds_and_matches_with_tolerance():
     stored = json.dumps(_round(BASE))
     assert ext.matches(serialized_data=json.dumps(_with(ppl=20.1)), snapshot_data=stored)
     assert not ext.matches(serialized_data=json.dumps(_with(ppl=21.0)), snapshot_data=stored)
+
+
+def test_quick_gates_combine_rtn_ceiling_and_method_target():
+    from slmquant.cells import Cell
+    from slmquant.methods import make_config
+    from tests import gates
+    rtn = gates.QUICK_RTN[("smollm2-135m", "w4a8", "sym")]
+    sq = Cell("smollm2-135m", "smoothquant", make_config("smoothquant", "w4a8"))
+    assert gates.quick_gates(sq)["max_ppl_ratio"] < rtn                       # must beat RTN
+    assert gates.quick_gates(Cell("smollm2-135m", "rtn", make_config("rtn", "w4a8")))["max_ppl_ratio"] > rtn
+    sq8 = Cell("smollm2-135m", "smoothquant", make_config("smoothquant", "w8a8"))
+    assert gates.quick_gates(sq8)["max_ppl_ratio"] == 1.015
+    assert gates.quick_gates(Cell("qwen9", "rtn", make_config("rtn", "w8a8"))) == {}

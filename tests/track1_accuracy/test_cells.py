@@ -36,7 +36,6 @@ def test_cell_quick_profile(cell, float_models, quantized, baseline):
     ref = store.wikitext2(float_key(fmodel), lambda: fmodel, tokens, **kw)
     res = store.wikitext2(cell.key(fmodel.slmquant_source.key), lambda: quantized(cell)[0], tokens, **kw)
     metrics = {"ppl": res["ppl"], "ppl_ratio": res["ppl"] / ref["ppl"]}
-    key = (cell.model, cell.cfg.scheme, gates.weight_setting(cell))
-    failures = gates.check(cell, metrics, gates.QUICK_GATES.get(key, {}))
+    failures = gates.check(cell, metrics, gates.quick_gates(cell))
     assert {"metrics": metrics, "source": fmodel.slmquant_source.ref} == baseline
     gates.expect(cell, failures)
