@@ -73,18 +73,19 @@ def main() -> int:
                "n_tokens": res["n_tokens"], "eval_s": res["eval_s"], "key": key}
         rec = cells.record(cell, fmodel.slmquant_source.key) if cell is not None else None
         if rec:
-            row["quant_s"] = rec["cost"]["wall_s"]
+            row["quant_s"] = round(rec["cost"]["wall_s"], 2)
             row["quant_peak_mib"] = round(rec["cost"]["peak_mem_bytes"] / 2**20)
         rows[cid] = row
         out.write_text(json.dumps(rows, indent=1))
         print(f"{cid}: ppl40 {res['ppl']:.3f} ppl20 {first20:.3f} ({time.perf_counter() - t0:.0f} s"
               f"{', cached' if res['from_cache'] else ''})", flush=True)
-    print("\n| cell | ppl (40 windows) | ppl (first 20) | x float |")
-    print("|---|---|---|---|")
+    print("\n| cell | ppl (40 windows) | ppl (first 20) | x float | quantize (s) | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|")
     for cid, r in rows.items():
         f = rows.get(f"{r['model']}-float")
         ratio = f"{r['ppl_40'] / f['ppl_40']:.3f}" if f else "-"
-        print(f"| {cid} | {r['ppl_40']:.3f} | {r['ppl_20']:.3f} | {ratio} |")
+        print(f"| {cid} | {r['ppl_40']:.3f} | {r['ppl_20']:.3f} | {ratio} | {r.get('quant_s', '-')} "
+              f"| {r.get('quant_peak_mib', '-')} |")
     return 0
 
 
