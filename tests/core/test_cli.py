@@ -77,3 +77,17 @@ def test_run_writes_resumable_results(monkeypatch, tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")} == stamp
     assert "rtn-w4a8" in capsys.readouterr().out
+
+
+def test_cache_command_reports_and_prunes(monkeypatch, tmp_path, capsys):
+    from slmquant.cells import Cell, CellCache
+    from slmquant.methods import make_config
+    from slmquant.models import tiny_model
+    monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path))
+    model, tok = tiny_model("llama")
+    CellCache().get(Cell("tiny-llama", "rtn", make_config("rtn", "w8a8")), model, tok)
+    assert main(["cache", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["entries"] == 1
+    assert main(["cache", "--max-gb", "0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["removed"] == 1 and res["entries"] == 0
