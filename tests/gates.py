@@ -33,6 +33,9 @@ DEFAULT_GATES: dict[tuple[str, str], dict] = {
 # Cells that fail a gate today, with the measured reason. Their snapshot band still gates them; the
 # test turns into a failure when they start passing, so that the entry is removed, not forgotten.
 KNOWN_FAILURES: dict[str, str] = {
+    "smollm2-gptq-w4a16-calib_samples=32": (
+        "quick profile: GPTQ W4A16 (sym, per channel, act-order, 32 x 2048) 38.750 against RTN 44.515 "
+        "and float 20.384 closes 24% of RTN's gap, not the 50% targeted"),
     "smollm2-gptq-w8a8-calib_samples=16-calib_seqlen=512": (
         "GPTQ at 8 bits on 16 x 512 calibration tokens: ppl_ratio 1.051 vs RTN 1.026. The Hessians of "
         "1536-wide down_proj inputs are under-sampled: on held-out tokens its output error is 1.07x "
