@@ -36,6 +36,9 @@ KNOWN_FAILURES: dict[str, str] = {
     "smollm2-gptq-w4a16-calib_samples=32": (
         "quick profile: GPTQ W4A16 (sym, per channel, act-order, 32 x 2048) 38.750 against RTN 44.515 "
         "and float 20.384 closes 24% of RTN's gap, not the 50% targeted"),
+    "smollm2-gptq-w4a16-calib_samples=32-sym=False": (
+        "quick profile: GPTQ W4A16 (asym, per channel, act-order, 32 x 2048) 31.375 against RTN 37.082 "
+        "and float 20.384 closes 34% of RTN's gap, not the 50% targeted"),
     "smollm2-gptq-w8a8-calib_samples=16-calib_seqlen=512": (
         "GPTQ at 8 bits on 16 x 512 calibration tokens: ppl_ratio 1.051 vs RTN 1.026. The Hessians of "
         "1536-wide down_proj inputs are under-sampled: on held-out tokens its output error is 1.07x "
