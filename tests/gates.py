@@ -43,9 +43,6 @@ KNOWN_FAILURES: dict[str, str] = {
         "GPTQ at 8 bits on 16 x 512 calibration tokens: ppl_ratio 1.051 vs RTN 1.026. The Hessians of "
         "1536-wide down_proj inputs are under-sampled: on held-out tokens its output error is 1.07x "
         "RTN's at 8 x 512 and 0.75x at 64 x 512 (README); the quick tier calibrates on 32 x 2048"),
-    "smollm2-smoothquant-w4a8-alpha_search=True-calib_samples=16": (
-        "alpha search with RTN 4-bit weights: ppl_ratio 2.167, level with RTN's 2.171, but logit SQNR "
-        "2.1 dB under the 4.0 floor; with GPTQ weights (its own cell) the ratio is 1.68"),
     "smollm2-smoothquant-w4a8-calib_samples=16": (
         "SmoothQuant with alpha=0.5 moves activation range into 4-bit weights: ppl_ratio 2.42 vs "
         "RTN 2.17 on the default tier; the alpha search and GPTQ weights are cells of their own"),
