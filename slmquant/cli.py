@@ -34,6 +34,9 @@ def _device(name: str) -> str:
     return name
 
 
+QUICK_TASK_ITEMS = 250        # quick profile: a seeded sample of this many items per multiple-choice task
+
+
 def _limit(value: str | None):
     if value is None or value == "all":
         return value
@@ -131,10 +134,11 @@ def cmd_eval(args) -> dict:
     import torch
     from .measure import float_key
     from .models import load_model
+    from .tasks import TASKS
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t != "wikitext2"]
+    unknown = [t for t in tasks if t != "wikitext2" and t not in TASKS]
     if unknown:
-        raise SlmquantError(f"unknown task(s) {unknown}: available now: wikitext2")
+        raise SlmquantError(f"unknown task(s) {', '.join(unknown)}: available: wikitext2, {', '.join(TASKS)}")
     if (args.method is None) != (args.bits is None) and args.method != "none":
         raise SlmquantError("give both METHOD and BITS (e.g. rtn w4a8), or neither for the float model")
     limit = _limit(args.limit)
@@ -152,14 +156,28 @@ def cmd_eval(args) -> dict:
         result.update(method=args.method, bits=record["bits"], cell=record["cell"],
                       settings=record["settings"], quantization=record)
     t0 = time.perf_counter()
-    result["wikitext2"] = _eval_wikitext2(model, tok, model_key, limit, args.profile, args.data_dir,
-                                          getattr(args, "fresh", False))
+    name = result.get("cell", args.model + " float")
+    if "wikitext2" in tasks:
+        result["wikitext2"] = _eval_wikitext2(model, tok, model_key, limit, args.profile, args.data_dir,
+                                              getattr(args, "fresh", False))
+        if not args.json:
+            w = result["wikitext2"]
+            print(f"{name}: wikitext2 ppl {w['ppl']:.3f} over {w['n_tokens']} "
+                  f"tokens ({w['windows']} windows of {w['seqlen']}); eval {w['eval_s']:.0f} s"
+                  f"{' [measurement from cache]' if w['from_cache'] else ''}")
+    mc = [t for t in tasks if t != "wikitext2"]
+    if mc:
+        from .tasks import TaskSettings, evaluate_tasks
+        items = limit if isinstance(limit, int) else (None if limit == "all" or args.profile == "paper"
+                                                       else QUICK_TASK_ITEMS)
+        res = evaluate_tasks(model, tok, mc, TaskSettings(limit=items),
+                             root=None if not args.data_dir else Path(args.data_dir), progress=not args.json)
+        for t, r in res.items():
+            result[t] = r.to_dict()
+            if not args.json:
+                print(f"{name}: {t} acc {r.acc:.4f} +- {r.acc_stderr:.4f}, acc_norm {r.acc_norm:.4f} "
+                      f"+- {r.acc_norm_stderr:.4f} ({r.n_items} items)")
     result["eval_s"] = round(time.perf_counter() - t0, 2)
-    if not args.json:
-        w = result["wikitext2"]
-        print(f"{result.get('cell', args.model + ' float')}: wikitext2 ppl {w['ppl']:.3f} over {w['n_tokens']} "
-              f"tokens ({w['windows']} windows of {w['seqlen']}); eval {w['eval_s']:.0f} s"
-              f"{' [measurement from cache]' if w['from_cache'] else ''}")
     return result
 
 
@@ -249,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model")
     e.add_argument("method", nargs="?", default=None, help="none, rtn, ...")
     e.add_argument("bits", nargs="?", default=None, help="w8a8, w4a8, w4a16, ...")
-    e.add_argument("--tasks", default="wikitext2")
+    e.add_argument("--tasks", default="wikitext2", help="comma-separated: wikitext2, arc_easy, arc_challenge, piqa, hellaswag, mmlu_cloze, mmlu")
     e.add_argument("--limit", default=None, help="N (a seeded sample of N windows/items) or 'all'")
     e.add_argument("--fresh", action="store_true", help="measure again even when a cached measurement exists")
     qz = sub.add_parser("quantize", parents=[common], help="quantize one cell (cached) and optionally save it")

@@ -23,7 +23,7 @@ def test_models_and_data_print_json_last():
 
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "llama-7b"], "unknown model 'llama-7b'"),
-    (["eval", "smollm2-135m", "--tasks", "squad"], "unknown task(s) ['squad']"),
+    (["eval", "smollm2-135m", "--tasks", "squad"], "unknown task(s) squad: available: wikitext2, arc_easy"),
     (["eval", "smollm2-135m", "--limit", "many"], "--limit takes a number or 'all'"),
 ])
 def test_errors_are_one_line_without_traceback(argv, needle, capsys):
