@@ -167,16 +167,18 @@ def cmd_eval(args) -> dict:
                   f"{' [measurement from cache]' if w['from_cache'] else ''}")
     mc = [t for t in tasks if t != "wikitext2"]
     if mc:
-        from .tasks import TaskSettings, evaluate_tasks
+        from .measure import MeasureCache
+        from .tasks import TaskSettings
         items = limit if isinstance(limit, int) else (None if limit == "all" or args.profile == "paper"
                                                        else QUICK_TASK_ITEMS)
-        res = evaluate_tasks(model, tok, mc, TaskSettings(limit=items),
-                             root=None if not args.data_dir else Path(args.data_dir), progress=not args.json)
+        res = MeasureCache().tasks(model_key, lambda: (model, tok), mc, TaskSettings(limit=items),
+                                   progress=not args.json, refresh=getattr(args, "fresh", False))
         for t, r in res.items():
-            result[t] = r.to_dict()
+            result[t] = r
             if not args.json:
-                print(f"{name}: {t} acc {r.acc:.4f} +- {r.acc_stderr:.4f}, acc_norm {r.acc_norm:.4f} "
-                      f"+- {r.acc_norm_stderr:.4f} ({r.n_items} items)")
+                print(f"{name}: {t} acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}, acc_norm {r['acc_norm']:.4f} "
+                      f"+- {r['acc_norm_stderr']:.4f} ({r['n_items']} items)"
+                      f"{' [measurement from cache]' if r['from_cache'] else ''}")
     result["eval_s"] = round(time.perf_counter() - t0, 2)
     return result
 

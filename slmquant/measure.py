@@ -83,6 +83,44 @@ class MeasureCache:
                 "model_key": model_key, "derived_from": full["key"], "from_cache": True}
 
     @staticmethod
+    def task_key(model_key: str, task: str, settings) -> str:
+        from dataclasses import asdict
+        from . import tasks as T
+        payload = {"model": model_key, "task": task, "settings": asdict(settings),
+                   "sources": T.sources_digest(task), "code": T.code_hash(), "lm_eval": T.lm_eval_version(),
+                   "torch": torch.__version__}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+    def tasks(self, model_key: str, load: Callable[[], tuple], tasks: list[str], settings,
+              progress: bool = True, refresh: bool = False) -> dict[str, dict]:
+        """Multiple-choice task results (TaskResult dicts plus from_cache), one cache file per task;
+        `load()` -> (model, tokenizer) is called only when some task is missing."""
+        from . import tasks as T
+        keys = {t: self.task_key(model_key, t, settings) for t in tasks}
+        out: dict[str, dict] = {}
+        with FileLock(str(self.root / f"tasks-{hashlib.sha256(model_key.encode()).hexdigest()[:16]}.lock")):
+            for t, key in keys.items():
+                path = self.root / f"task-{key}.json"
+                if path.is_file() and not refresh:
+                    try:
+                        res = json.loads(path.read_text())
+                        if res.get("key") == key and "acc_norm" in res:
+                            out[t] = {**res, "from_cache": True}
+                    except (json.JSONDecodeError, OSError):
+                        pass                    # corrupt: measured again below
+            missing = [t for t in tasks if t not in out]
+            if missing:
+                model, tok = load()
+                t0 = time.perf_counter()
+                got = T.evaluate_tasks(model, tok, missing, settings, progress=progress)
+                took = round(time.perf_counter() - t0, 2)
+                for t, r in got.items():
+                    res = {**r.to_dict(), "eval_s": took, "key": keys[t], "model_key": model_key}
+                    self._write(self.root / f"task-{keys[t]}.json", res)
+                    out[t] = {**res, "from_cache": False}
+        return {t: out[t] for t in tasks}
+
+    @staticmethod
     def _write(path: Path, res: dict) -> None:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(res))

@@ -93,7 +93,7 @@ def sample_indices(n: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
-def _sources_digest(task: str) -> str:
+def sources_digest(task: str) -> str:
     rels = {"arc_easy": ["arc_easy/"], "arc_challenge": ["arc_challenge/"], "piqa": ["piqa/"],
             "hellaswag": ["hellaswag/"], "mmlu": ["mmlu/test/"], "mmlu_cloze": ["mmlu/test/"]}[task]
     shas = sorted(v["sha256"] for k, v in data.CHECKSUMS.items() if any(k.startswith(r) for r in rels))
@@ -130,7 +130,7 @@ def task_folder(tasks: list[str], settings: TaskSettings, root: Path | None = No
     from .models import cache_dir
     base = Path(cache) if cache else cache_dir() / "tasks"
     used: dict[str, list[int]] = {}
-    digest = hashlib.sha256(json.dumps([[_sources_digest(t) for t in tasks], settings.limit,
+    digest = hashlib.sha256(json.dumps([[sources_digest(t) for t in tasks], settings.limit,
                                         settings.seed]).encode()).hexdigest()[:16]
     folder = base / digest
     folder.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], settings: TaskSettings = 
                                   random_seed=settings.seed, numpy_random_seed=settings.seed,
                                   torch_random_seed=settings.seed, fewshot_random_seed=settings.seed,
                                   log_samples=False, verbosity="ERROR")
-    record = {**asdict(settings), "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else _version()}
+    record = {**asdict(settings), "lm_eval": lm_eval_version()}
     results = {}
     for task in tasks:
         r = out["results"][task]
@@ -194,6 +194,11 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], settings: TaskSettings = 
     return results
 
 
-def _version() -> str:
+def lm_eval_version() -> str:
     from importlib.metadata import version
     return version("lm_eval")
+
+
+def code_hash() -> str:
+    """This module's source: prompts and scoring conventions live here."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]

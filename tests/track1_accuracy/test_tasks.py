@@ -123,3 +123,24 @@ def test_cli_eval_runs_a_task_on_the_bundled_model(capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["arc_easy"]["n_items"] == 4 and 0 <= res["arc_easy"]["acc_norm"] <= 1
     assert "wikitext2" not in res
+
+
+def test_task_measurements_are_cached_per_model_task_and_settings(tmp_path):
+    from slmquant.measure import MeasureCache
+    store, model, tok = MeasureCache(tmp_path), *tiny_model("llama")
+    loads = []
+
+    def load():
+        loads.append(1)
+        return model, tok
+
+    s = TaskSettings(limit=3, batch_size=4)
+    first = store.tasks("tiny:llama", load, ["piqa"], s, progress=False)["piqa"]
+    again = store.tasks("tiny:llama", load, ["piqa"], s, progress=False)["piqa"]
+    assert len(loads) == 1 and not first["from_cache"] and again["from_cache"]
+    assert again["acc_norm"] == first["acc_norm"]
+    store.tasks("tiny:llama", load, ["piqa"], TaskSettings(limit=4, batch_size=4), progress=False)
+    assert len(loads) == 2                                    # another sample: measured again
+    path = tmp_path / f"task-{store.task_key('tiny:llama', 'piqa', s)}.json"
+    path.write_text("{corrupt")
+    assert not store.tasks("tiny:llama", load, ["piqa"], s, progress=False)["piqa"]["from_cache"]
