@@ -16,6 +16,7 @@ linear and installs QLinears that quantize their inputs with `a_spec`."""
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -86,32 +87,45 @@ def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     Q = torch.zeros_like(W)
-    loss = 0.0
+    loss = torch.zeros((), dtype=torch.float64)
     params = static if group is None else None
-    for b0 in range(0, n_in, block_size):
-        b1 = min(b0 + block_size, n_in)
-        W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
-        Err1 = torch.zeros_like(W1)
-        for i in range(b1 - b0):
-            c = b0 + i                                                  # position in rounding order
-            w, d = W1[:, i], Hinv1[i, i]
-            if spec is None:
-                q = w
-            else:
-                if group is not None:
-                    if act_order:
-                        params = static[int(perm[c]) // group]
-                    elif c % group == 0:
-                        params = qparams(_current(W, W1, Err1, Hinv, b0, b1, i, group), col_spec)
-                q = fake_quant(w[:, None], col_spec, *params)[:, 0]
-            Q[:, c] = q
-            err = (w - q) / d
-            loss += float((w - q).pow(2).sum() / d**2 / 2)
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]                             # the lazy batch update
+    with _one_thread():
+        for b0 in range(0, n_in, block_size):
+            b1 = min(b0 + block_size, n_in)
+            W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
+            Err1 = torch.zeros_like(W1)
+            for i in range(b1 - b0):
+                c = b0 + i                                              # position in rounding order
+                w, d = W1[:, i], Hinv1[i, i]
+                if spec is None:
+                    q = w
+                else:
+                    if group is not None:
+                        if act_order:
+                            params = static[int(perm[c]) // group]
+                        elif c % group == 0:
+                            params = qparams(_current(W, W1, Err1, Hinv, b0, b1, i, group), col_spec)
+                    q = fake_quant(w[:, None], col_spec, *params)[:, 0]
+                Q[:, c] = q
+                err = (w - q) / d
+                loss += (w - q).pow(2).sum() / d**2 / 2
+                W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+                Err1[:, i] = err
+            W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]                         # the lazy batch update
     Q = Q[:, torch.argsort(perm)]
-    return Q.to(W0.dtype), loss
+    return Q.to(W0.dtype), float(loss)
+
+
+@contextmanager
+def _one_thread():
+    """The column loop is thousands of small tensor ops: a thread pool only adds synchronisation
+    (4x slower with a second process on the two cores, measured), so it runs on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _current(W, W1, Err1, Hinv, b0: int, b1: int, i: int, n: int) -> torch.Tensor:
