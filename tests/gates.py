@@ -58,6 +58,10 @@ QUICK_RTN: dict[tuple[str, str, str], float] = {
     ("smollm2-135m", "w4a8", "asym"): 1.8815,    # 38.352 / 20.384
     ("smollm2-135m", "w4a16", "sym"): 2.1839,    # 44.515 / 20.384
     ("smollm2-135m", "w4a16", "asym"): 1.8192,   # 37.082 / 20.384
+    ("qwen2.5-0.5b", "w8a8", "sym"): 1.0170,     # 31.316 / 30.792
+    ("qwen2.5-0.5b", "w4a8", "sym"): 1.6689,     # 51.390 / 30.792
+    ("qwen2.5-0.5b", "w4a8", "asym"): 1.6074,    # 49.495 / 30.792
+    ("qwen2.5-0.5b", "w4a16", "sym"): 1.6301,    # 50.194 / 30.792
 }
 QUICK_GATES: dict[tuple[str, str, str], dict] = {
     k: {"max_ppl_ratio": round(r + 0.015 if k[1].startswith("w8") else r * 1.06, 4)} for k, r in QUICK_RTN.items()}
