@@ -29,7 +29,8 @@ from slmquant.models import load_model
 
 @torch.no_grad()
 def score(model, windows: torch.Tensor, ref_logp: list[torch.Tensor] | None):
-    """(perplexity, mean KL(float || model) per position, log-probs) over `windows` (n, T)."""
+    """(perplexity, mean KL(float || model) per position, log-probs) over `windows` (n, T); the
+    log-probs are kept only for the reference pass (ref_logp None)."""
     nll, n_tok, kl, logps = 0.0, 0, 0.0, []
     for j, ids in enumerate(windows):
         logp = model(ids[None], use_cache=False).logits.float()[0].log_softmax(-1)
@@ -37,7 +38,8 @@ def score(model, windows: torch.Tensor, ref_logp: list[torch.Tensor] | None):
         n_tok += ids.numel() - 1
         if ref_logp is not None:
             kl += F.kl_div(logp, ref_logp[j], log_target=True, reduction="sum").item() / ids.numel()
-        logps.append(logp)
+        else:
+            logps.append(logp)
     return float(torch.exp(torch.tensor(nll / n_tok))), kl / len(windows), logps
 
 

@@ -172,7 +172,7 @@ def cmd_eval(args) -> dict:
         items = limit if isinstance(limit, int) else (None if limit == "all" or args.profile == "paper"
                                                        else QUICK_TASK_ITEMS)
         res = MeasureCache().tasks(model_key, lambda: (model, tok), mc, TaskSettings(limit=items),
-                                   progress=not args.json, refresh=getattr(args, "fresh", False))
+                                   refresh=getattr(args, "fresh", False))
         for t, r in res.items():
             result[t] = r
             if not args.json:

@@ -44,13 +44,9 @@ class MeasureCache:
         key = self.key(model_key, tokens, seqlen, limit, sample_seed)
         path = self.root / f"ppl-{key}.json"
         with FileLock(str(path.with_suffix(".lock"))):
-            if path.is_file() and not refresh:
-                try:
-                    res = json.loads(path.read_text())
-                    if res.get("key") == key and "ppl" in res:
-                        return {**res, "from_cache": True}
-                except (json.JSONDecodeError, OSError):
-                    pass                        # corrupt: measured again below
+            res = None if refresh else self._read(path, key, "ppl")
+            if res is not None:
+                return res
             derived = self._prefix_of_all(model_key, tokens, seqlen, limit, sample_seed)
             if derived is not None:
                 return derived
@@ -92,7 +88,7 @@ class MeasureCache:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
     def tasks(self, model_key: str, load: Callable[[], tuple], tasks: list[str], settings,
-              progress: bool = True, refresh: bool = False) -> dict[str, dict]:
+              refresh: bool = False) -> dict[str, dict]:
         """Multiple-choice task results (TaskResult dicts plus from_cache), one cache file per task;
         `load()` -> (model, tokenizer) is called only when some task is missing."""
         from . import tasks as T
@@ -100,25 +96,29 @@ class MeasureCache:
         out: dict[str, dict] = {}
         with FileLock(str(self.root / f"tasks-{hashlib.sha256(model_key.encode()).hexdigest()[:16]}.lock")):
             for t, key in keys.items():
-                path = self.root / f"task-{key}.json"
-                if path.is_file() and not refresh:
-                    try:
-                        res = json.loads(path.read_text())
-                        if res.get("key") == key and "acc_norm" in res:
-                            out[t] = {**res, "from_cache": True}
-                    except (json.JSONDecodeError, OSError):
-                        pass                    # corrupt: measured again below
+                res = None if refresh else self._read(self.root / f"task-{key}.json", key, "acc_norm")
+                if res is not None:
+                    out[t] = res
             missing = [t for t in tasks if t not in out]
             if missing:
                 model, tok = load()
                 t0 = time.perf_counter()
-                got = T.evaluate_tasks(model, tok, missing, settings, progress=progress)
+                got = T.evaluate_tasks(model, tok, missing, settings)
                 took = round(time.perf_counter() - t0, 2)
                 for t, r in got.items():
                     res = {**r.to_dict(), "eval_s": took, "key": keys[t], "model_key": model_key}
                     self._write(self.root / f"task-{keys[t]}.json", res)
                     out[t] = {**res, "from_cache": False}
         return {t: out[t] for t in tasks}
+
+    @staticmethod
+    def _read(path: Path, key: str, field: str) -> dict | None:
+        """A cached measurement, or None when absent, corrupt or for another key (measured again)."""
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return {**res, "from_cache": True} if res.get("key") == key and field in res else None
 
     @staticmethod
     def _write(path: Path, res: dict) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -31,8 +32,6 @@ from . import data
 from .errors import SlmquantError
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "mmlu_cloze", "mmlu")
-PERF_COLUMN = {"mmlu_cloze": "mmlu", "arc_challenge": "arc_c", "arc_easy": "arc_e", "piqa": "piqa",
-               "hellaswag": "hellaswag"}          # the slmq_perf dataset each task scores
 FORMAT_VERSION = 1                                  # bump when a prompt changes: new cache folder
 
 
@@ -165,9 +164,8 @@ class TaskResult:
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], settings: TaskSettings = TaskSettings(),
-                   root: Path | None = None, progress: bool = True) -> dict[str, TaskResult]:
+                   root: Path | None = None) -> dict[str, TaskResult]:
     """Run lm-eval's loglikelihood multiple choice on `model` (already loaded, float or quantized)."""
-    import os
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     unknown = [t for t in tasks if t not in TASKS]

@@ -135,12 +135,12 @@ def test_task_measurements_are_cached_per_model_task_and_settings(tmp_path):
         return model, tok
 
     s = TaskSettings(limit=3, batch_size=4)
-    first = store.tasks("tiny:llama", load, ["piqa"], s, progress=False)["piqa"]
-    again = store.tasks("tiny:llama", load, ["piqa"], s, progress=False)["piqa"]
+    first = store.tasks("tiny:llama", load, ["piqa"], s)["piqa"]
+    again = store.tasks("tiny:llama", load, ["piqa"], s)["piqa"]
     assert len(loads) == 1 and not first["from_cache"] and again["from_cache"]
     assert again["acc_norm"] == first["acc_norm"]
-    store.tasks("tiny:llama", load, ["piqa"], TaskSettings(limit=4, batch_size=4), progress=False)
+    store.tasks("tiny:llama", load, ["piqa"], TaskSettings(limit=4, batch_size=4))
     assert len(loads) == 2                                    # another sample: measured again
     path = tmp_path / f"task-{store.task_key('tiny:llama', 'piqa', s)}.json"
     path.write_text("{corrupt")
-    assert not store.tasks("tiny:llama", load, ["piqa"], s, progress=False)["piqa"]["from_cache"]
+    assert not store.tasks("tiny:llama", load, ["piqa"], s)["piqa"]["from_cache"]
