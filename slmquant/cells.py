@@ -36,7 +36,7 @@ class Cell:
 
     @property
     def id(self) -> str:
-        parts = [SHORT_NAMES.get(self.model, self.model.replace("/", "_")), self.method, self.cfg.scheme]
+        parts = [SHORT_NAMES.get(self.model, self.model.replace("/", "_").replace(":", "_")), self.method, self.cfg.scheme]
         parts += [f"{k}={v}" for k, v in sorted(self.cfg.settings().items())]
         return "-".join(parts)
 

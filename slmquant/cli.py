@@ -34,7 +34,6 @@ def _device(name: str) -> str:
     return name
 
 
-QUICK_TASK_ITEMS = 250        # quick profile: a seeded sample of this many items per multiple-choice task
 
 
 def _limit(value: str | None):
@@ -168,13 +167,14 @@ def cmd_eval(args) -> dict:
     mc = [t for t in tasks if t != "wikitext2"]
     if mc:
         from .measure import MeasureCache
-        from .tasks import TaskSettings
+        from .profiles import PR_GATE_ITEMS
+        from .tasks import PER_ITEM, TaskSettings
         items = limit if isinstance(limit, int) else (None if limit == "all" or args.profile == "paper"
-                                                       else QUICK_TASK_ITEMS)
+                                                       else PR_GATE_ITEMS)
         res = MeasureCache().tasks(model_key, lambda: (model, tok), mc, TaskSettings(limit=items),
                                    refresh=getattr(args, "fresh", False))
         for t, r in res.items():
-            result[t] = r
+            result[t] = {k: v for k, v in r.items() if k not in PER_ITEM}
             if not args.json:
                 print(f"{name}: {t} acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}, acc_norm {r['acc_norm']:.4f} "
                       f"+- {r['acc_norm_stderr']:.4f} ({r['n_items']} items)"

@@ -10,6 +10,12 @@ from .methods import get_method
 # Calibration budget of the quick profile, applied to the fields a method's config has.
 QUICK = {"calib_samples": 32, "calib_seqlen": 2048}
 
+# The pull-request gate (and the quick profile's default task sample): the five tasks of slmq_perf on
+# a seeded sample of this many items each, sized so that one cell of the whole SmolLM2 scores all
+# five in under 5 minutes on a 2-core CPU (tests/track1_accuracy/test_task_eval_benchmark.py).
+PR_GATE_TASKS = ("mmlu_cloze", "arc_challenge", "arc_easy", "piqa", "hellaswag")
+PR_GATE_ITEMS = 150
+
 
 def profile_settings(method: str, profile: str) -> dict:
     if profile not in ("quick", "paper"):

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SlmquantError
@@ -91,3 +92,54 @@ def paper_tables(path: str | os.PathLike | None = None) -> dict:
         raise SlmquantError(f"paper tables not found at {path}: set SLMQUANT_REFERENCE to the folder "
                             "holding slmquant_paper_tables.json")
     return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A cell's accuracy against the float model's on the same items (paired)."""
+    n: int
+    acc_float: float
+    acc_quant: float
+    se_diff: float            # standard error of the mean per-item difference (quant - float)
+    z: float
+
+    @property
+    def recovery(self) -> float:
+        return self.acc_quant / self.acc_float if self.acc_float else float("nan")
+
+    @property
+    def upper(self) -> float:
+        """Upper confidence bound of the recovery: a cell fails a floor only when even this is below it."""
+        return (self.acc_quant + self.z * self.se_diff) / self.acc_float if self.acc_float else float("inf")
+
+    @property
+    def lower(self) -> float:
+        return (self.acc_quant - self.z * self.se_diff) / self.acc_float if self.acc_float else float("-inf")
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "acc_float": self.acc_float, "acc_quant": self.acc_quant,
+                "recovery": self.recovery, "lower": self.lower, "upper": self.upper, "z": self.z}
+
+
+def paired_recovery(float_correct: Sequence[int], quant_correct: Sequence[int], z: float = 2.576) -> Recovery:
+    """Recovery A_quant / A_float on the same n items, with the paired standard error of the
+    per-item difference d_i = q_i - f_i (items both models get right or wrong cancel, so the bound is
+    much tighter than two independent binomials): se = sd(d) / sqrt(n)."""
+    n = len(float_correct)
+    if n == 0 or len(quant_correct) != n:
+        raise SlmquantError(f"paired_recovery needs the same non-empty items, got {n} and {len(quant_correct)}")
+    d = [int(q) - int(f) for f, q in zip(float_correct, quant_correct)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    return Recovery(n, sum(map(int, float_correct)) / n, sum(map(int, quant_correct)) / n,
+                    math.sqrt(var / n), z)
+
+
+def pooled_recovery(parts: Sequence[Recovery], z: float = 2.576) -> Recovery:
+    """The mean over tasks (each task weighted equally, as in slmq_perf) of float and quant accuracy,
+    with the standard errors combined as independent: se = sqrt(sum se_k^2) / K."""
+    if not parts:
+        raise SlmquantError("pooled_recovery needs at least one task")
+    k = len(parts)
+    return Recovery(sum(p.n for p in parts), sum(p.acc_float for p in parts) / k,
+                    sum(p.acc_quant for p in parts) / k, math.sqrt(sum(p.se_diff ** 2 for p in parts)) / k, z)

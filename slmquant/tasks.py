@@ -28,10 +28,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import data
 from .errors import SlmquantError
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "mmlu_cloze", "mmlu")
+PER_ITEM = ("doc_ids", "correct", "correct_norm", "lls")     # per-item fields of a TaskResult
 FORMAT_VERSION = 1                                  # bump when a prompt changes: new cache folder
 
 
@@ -158,6 +161,12 @@ class TaskResult:
     acc_norm_stderr: float
     n_items: int
     settings: dict = field(default_factory=dict)
+    # per item, in sample order: the item's index in the whole set, whether acc / acc_norm chose the
+    # gold answer, and the loglikelihood of every choice (paired comparisons between cells use them)
+    doc_ids: list[int] = field(default_factory=list)
+    correct: list[int] = field(default_factory=list)
+    correct_norm: list[int] = field(default_factory=list)
+    lls: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,7 +180,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], settings: TaskSettings = 
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise SlmquantError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)} (and wikitext2)")
-    import lm_eval
+    import numpy as np
+    from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -179,16 +189,26 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], settings: TaskSettings = 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
               max_length=settings.max_length, add_bos_token=settings.add_bos_token)
     tm = TaskManager(include_path=str(folder), include_defaults=False)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, num_fewshot=settings.num_fewshot,
-                                  random_seed=settings.seed, numpy_random_seed=settings.seed,
-                                  torch_random_seed=settings.seed, fewshot_random_seed=settings.seed,
-                                  log_samples=False, verbosity="ERROR")
+    # lm-eval's own evaluate(): what simple_evaluate() does for a model object, without its
+    # environment report (a pip subprocess, seconds per call); seeds and 0-shot set here
+    random.seed(settings.seed)
+    np.random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    loaded = tm.load(list(tasks))
+    for task_obj in loaded["tasks"].values():
+        task_obj.set_config(key="num_fewshot", value=settings.num_fewshot)
+        task_obj.set_fewshot_seed(seed=settings.seed)
+    out = evaluate(lm=lm, task_dict=loaded, log_samples=True, verbosity="ERROR")
     record = {**asdict(settings), "lm_eval": lm_eval_version()}
     results = {}
     for task in tasks:
         r = out["results"][task]
-        results[task] = TaskResult(task, r["acc,none"], r["acc_stderr,none"], r["acc_norm,none"],
-                                   r["acc_norm_stderr,none"], len(used[task]), record)
+        samples = sorted(out["samples"][task], key=lambda x: x["doc_id"])
+        results[task] = TaskResult(
+            task, r["acc,none"], r["acc_stderr,none"], r["acc_norm,none"], r["acc_norm_stderr,none"],
+            len(used[task]), record, doc_ids=[used[task][x["doc_id"]] for x in samples],
+            correct=[int(x["acc"]) for x in samples], correct_norm=[int(x["acc_norm"]) for x in samples],
+            lls=[[float(f"{ll:.6g}") for ll, _ in x["filtered_resps"]] for x in samples])
     return results
 
 

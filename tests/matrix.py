@@ -29,6 +29,10 @@ DEFAULT = Tier("default", ("smollm2-135m",), 256, 4, (("calib_samples", 16), ("c
                exclude=(("gptq", "w4a8", {"sym": False}), ("gptq", "w4a16", {"sym": False}),
                         ("smoothquant", "w4a8", {"alpha_search": True})))
 # Slow tier: both bundled models on the quick profile's fixed subset (first 40 windows of 2048).
+# Track 1 tasks on tiny random models (default tier): every suite row quantizes a 2-layer llama in
+# about a second; the group-64 rows do not divide its 160-wide MLP and run on the real models only.
+TINY = Tier("tiny", ("tiny:llama",), 128, 2, (("calib_samples", 4), ("calib_seqlen", 128)), False,
+            exclude=(("gptq", "w4a16", {"group_size": 64}), ("rtn", "w4a16", {"group_size": 64})))
 QUICK = Tier("quick", ("smollm2-135m", "qwen2.5-0.5b"), 2048, 40,
              (("calib_samples", 32), ("calib_seqlen", 2048)), False, (pytest.mark.slow,))
 
@@ -51,6 +55,6 @@ def cases(tier: Tier) -> list:
                     continue
                 cell = make_cell(model, name, bits, settings, tier)
                 marks = [getattr(pytest.mark, bits), getattr(pytest.mark, name),
-                         getattr(pytest.mark, SHORT_NAMES[model]), *tier.marks]
+                         getattr(pytest.mark, SHORT_NAMES.get(model, "tiny")), *tier.marks]
                 out.append(pytest.param(cell, marks=marks, id=cell.id))
     return out

@@ -79,3 +79,36 @@ def test_errors_name_what_is_missing_or_wrong():
         slmq_quant({})
     with pytest.raises(SlmquantError, match="not found"):
         paper_tables("/nonexistent/tables.json")
+
+
+def test_paired_recovery_by_hand():
+    from slmquant.scores import paired_recovery
+    f = [1, 1, 1, 1, 0, 0, 1, 0]          # 5/8
+    q = [1, 0, 1, 1, 0, 1, 0, 0]          # 4/8; differences: 0,-1,0,0,0,+1,-1,0
+    r = paired_recovery(f, q, z=2.0)
+    d = [0, -1, 0, 0, 0, 1, -1, 0]
+    mean = sum(d) / 8
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 7 / 8)
+    assert r.recovery == pytest.approx(0.8) and r.se_diff == pytest.approx(se)
+    assert r.upper == pytest.approx((0.5 + 2 * se) / 0.625) and r.lower == pytest.approx((0.5 - 2 * se) / 0.625)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=2, max_size=200))
+def test_paired_recovery_bounds_bracket_the_estimate(pairs):
+    from slmquant.scores import paired_recovery, pooled_recovery
+    f, q = [int(a) for a, _ in pairs], [int(b) for _, b in pairs]
+    if not any(f):
+        return
+    r = paired_recovery(f, q)
+    assert r.lower <= r.recovery <= r.upper
+    assert (r.se_diff == 0) == (len(set(b - a for a, b in zip(f, q))) == 1)   # no spread, no doubt
+    same = paired_recovery(f, f)
+    assert same.recovery == 1 and same.upper == same.lower == 1
+    pooled = pooled_recovery([r, r])
+    assert pooled.recovery == pytest.approx(r.recovery) and pooled.se_diff == pytest.approx(r.se_diff / math.sqrt(2))
+
+
+def test_paired_recovery_refuses_unpaired_items():
+    from slmquant.scores import paired_recovery
+    with pytest.raises(SlmquantError, match="same non-empty items"):
+        paired_recovery([1, 0], [1])

@@ -91,7 +91,9 @@ def test_lm_eval_offline_equals_a_hand_written_scorer(task, no_network, tmp_path
     docs = documents(task)
     docs = [docs[i] for i in sample_indices(len(docs), s.limit, s.seed)]
     acc, acc_norm = _by_hand(model, tok, docs)
-    assert got.n_items == 6
+    assert got.n_items == 6 and got.doc_ids == sample_indices(len(documents(task)), s.limit, s.seed)
+    assert sum(got.correct) / 6 == pytest.approx(got.acc) and sum(got.correct_norm) / 6 == pytest.approx(got.acc_norm)
+    assert [len(x) for x in got.lls] == [len(d["choices"]) for d in docs]
     assert got.acc == pytest.approx(acc) and got.acc_norm == pytest.approx(acc_norm)
     assert got.settings["lm_eval"] and got.settings["max_length"] == 2048 and got.settings["seed"] == s.seed
 
@@ -122,7 +124,7 @@ def test_cli_eval_runs_a_task_on_the_bundled_model(capsys):
     assert main(["eval", "smollm2-135m", "--tasks", "arc_easy", "--limit", "4", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["arc_easy"]["n_items"] == 4 and 0 <= res["arc_easy"]["acc_norm"] <= 1
-    assert "wikitext2" not in res
+    assert "wikitext2" not in res and "lls" not in res["arc_easy"]     # per-item data stays in the cache
 
 
 def test_task_measurements_are_cached_per_model_task_and_settings(tmp_path):
