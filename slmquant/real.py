@@ -1,0 +1,375 @@
+"""Real low-bit models (track 2): every fake-quantized linear of a cell becomes a RealLinear that
+stores its weights as integers (int8; 4-bit codes packed two a byte) with float32 scales and
+integer zero points, and computes through an integer kernel where one exists.
+
+A cell's QLinear keeps its weights dequantized, on the grid of its weight spec. `grid_of` recovers
+the integer codes from those values exactly (it searches the scale for which every value of a row
+or group is an integer multiple, within the spec's range) and refuses weights that are not on such
+a grid, so nothing is rounded twice and a real model computes what its fake-quantized cell computes.
+
+Kernels, recorded per module (`RealLinear.kernel`) and per model (`kernel_paths`):
+- "int_mm": 8-bit dynamic per-token activations x integer weights through `torch._int_mm` (int8 x
+  int8 -> int32, exact), then the activation and weight scales and, for asymmetric grids, the
+  zero-point corrections. 4-bit weights are unpacked to int8 on every call (W4A8).
+- "dequant": weights unpacked and dequantized on every call, a float matmul (W4A16, group-wise
+  grids, activations other than 8-bit).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import SlmquantError
+from .quant import QLinear, QSpec, fake_quant
+from .quant import quantize as int_quantize
+
+GRID_RTOL = 1e-3           # |W / s - round(W / s)| allowed when recovering a grid (float32 products)
+
+
+def _groups(W: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """(out, n_groups, group width) view of a weight for the spec's granularity."""
+    if spec.granularity == "group":
+        if W.shape[1] % spec.group_size:
+            raise SlmquantError(f"group_size {spec.group_size} does not divide the width {W.shape[1]}")
+        return W.reshape(W.shape[0], -1, spec.group_size)
+    if spec.granularity in ("channel", "token"):
+        return W.unsqueeze(1)
+    raise SlmquantError(f"weights on a per-{spec.granularity} grid are not supported by real models")
+
+
+@torch.no_grad()
+def grid_of(W: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes u (uint8, W's shape, in [0, 2^bits - 1]), scale (float32, (out, n_groups)) and zero
+    (int16, (out, n_groups)) with W == (u - zero) * scale, for a weight already on a `spec` grid.
+
+    The step of a row or group is span / k (span: max |W| for symmetric grids, max - min for
+    asymmetric ones) for the quantizer's own k when the extreme code is used (RTN), else for the
+    first k in 1..2^bits - 1 that makes every value an integer number of steps: a multiple of the
+    quantizer's step that represents the same values exactly (GPTQ may leave extreme codes unused)."""
+    Wg = _groups(W.detach().to(torch.float64), spec)
+    levels = 2 ** spec.bits - 1
+    lo = Wg.amin(-1, keepdim=True)
+    span = Wg.abs().amax(-1, keepdim=True) if spec.sym else Wg.amax(-1, keepdim=True) - lo
+    flat = span == 0                                   # an all-constant group: one step of |value|
+    scale = torch.where(flat, torch.where(lo.abs() > 0, lo.abs(), torch.ones_like(lo)), torch.zeros_like(lo))
+
+    def integral(vals, s):
+        r = vals / s
+        return ((r - r.round()).abs() <= GRID_RTOL).all(-1, keepdim=True)
+
+    first = spec.qmax if spec.sym else levels
+    s = torch.where(flat, torch.ones_like(span), span / first)
+    scale = torch.where(~flat & integral(Wg, s), s, scale)
+    todo = (scale == 0).squeeze(-1)
+    if todo.any():
+        sub, sub_span, found = Wg[todo], span[todo], torch.zeros_like(span[todo])
+        for k in range(1, levels + 1):
+            s = sub_span / k
+            found = torch.where((found == 0) & integral(sub, s), s, found)
+            if (found > 0).all():
+                break
+        scale[todo] = found
+    if (scale == 0).any():
+        raise SlmquantError(f"{int((scale == 0).sum())} weight group(s) are not on a {spec} grid: "
+                            "not a quantized weight")
+    steps = (Wg / scale).round()
+    zero = torch.full_like(lo, 2 ** (spec.bits - 1)) if spec.sym else -steps.amin(-1, keepdim=True)
+    u = steps + zero
+    if u.min() < 0 or u.max() > levels:
+        raise SlmquantError(f"recovered codes outside 0..{levels}: not a {spec} grid")
+    back = ((u - zero) * scale).reshape(W.shape)
+    if not torch.allclose(back, W.double(), rtol=0, atol=1e-6 * float(W.abs().max().clamp(min=1e-30))):
+        raise SlmquantError(f"weights do not reproduce from the recovered {spec} grid")
+    return u.reshape(W.shape).to(torch.uint8), scale.squeeze(-1).float(), zero.squeeze(-1).to(torch.int16)
+
+
+def pack4(u: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in 0..15, (out, in) with in even -> (out, in / 2): low nibble first."""
+    if u.shape[-1] % 2:
+        raise SlmquantError(f"4-bit packing needs an even width, got {u.shape[-1]}")
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack4(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack((p & 0x0F, p >> 4), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+class RealLinear(nn.Module):
+    """Integer weights (codes, scale, zero) and dynamic activation quantization. Buffers:
+    `qweight` (int8 (out, in) codes - 2^(bits-1) for 8-bit; uint8 (out, in/2) packed codes for 4-bit),
+    `scale` (float32 (out, n_groups)), `zero` (int16 (out, n_groups), in code units), `bias`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QSpec, a_spec: QSpec | None,
+                 kernel: str | None = None, device=None):
+        super().__init__()
+        if w_spec.bits not in (4, 8):
+            raise SlmquantError(f"real models store 4- or 8-bit weights, got {w_spec.bits}")
+        self.in_features, self.out_features, self.w_spec, self.a_spec = in_features, out_features, w_spec, a_spec
+        groups = in_features // w_spec.group_size if w_spec.group_size else 1
+        width = in_features if w_spec.bits == 8 else in_features // 2
+        self.register_buffer("qweight", torch.zeros(out_features, width, device=device,
+                                                    dtype=torch.int8 if w_spec.bits == 8 else torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, groups, device=device))
+        self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.int16, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.kernel = kernel or self.default_kernel(w_spec, a_spec)
+
+    @staticmethod
+    def default_kernel(w_spec: QSpec, a_spec: QSpec | None) -> str:
+        per_channel = w_spec.granularity in ("channel", "token")
+        return "int_mm" if a_spec is not None and a_spec.bits == 8 and per_channel else "dequant"
+
+    @classmethod
+    @torch.no_grad()
+    def from_qlinear(cls, q: QLinear, kernel: str | None = None) -> "RealLinear":
+        if q.w_spec is None:
+            raise SlmquantError("a QLinear with float weights has nothing to store as integers")
+        u, scale, zero = grid_of(q.weight, q.w_spec)
+        m = cls(q.in_features, q.out_features, q.bias is not None, q.w_spec, q.a_spec, kernel,
+                device=q.weight.device)
+        half = 2 ** (q.w_spec.bits - 1)
+        m.qweight.copy_((u.to(torch.int16) - half).to(torch.int8) if q.w_spec.bits == 8 else pack4(u))
+        m.scale.copy_(scale)
+        m.zero.copy_(zero)
+        if q.bias is not None:
+            m.bias.copy_(q.bias.float())
+        return m
+
+    def int8_weight(self) -> torch.Tensor:
+        """Codes minus 2^(bits-1), as int8 (out, in): W = (w8 - zero8) * scale, zero8 = zero - 2^(bits-1)."""
+        if self.w_spec.bits == 8:
+            return self.qweight
+        return (unpack4(self.qweight).to(torch.int8) - 8)
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        half = 2 ** (self.w_spec.bits - 1)
+        w = self.int8_weight().to(torch.float32)
+        g = w.reshape(self.out_features, self.scale.shape[1], -1)
+        zero8 = (self.zero.to(torch.float32) - half).unsqueeze(-1)
+        return ((g - zero8) * self.scale.unsqueeze(-1)).reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "dequant":
+            return F.linear(fake_quant(x, self.a_spec), self.dequantized(x.dtype),
+                            None if self.bias is None else self.bias.to(x.dtype))
+        return self._int_mm(x)
+
+    def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq, xs, xz = int_quantize(x2.float(), self.a_spec)          # per token: (M, K), (M, 1), (M, 1)
+        if not self.a_spec.sym:                                     # uint8 codes -> int8, zero shifted
+            xq, xz = (xq.to(torch.int16) - 128).to(torch.int8), xz - 128
+        w8 = self.int8_weight()
+        acc = torch._int_mm(xq.contiguous(), w8.t().contiguous()).to(torch.float64)   # exact int32 sums
+        zw = (self.zero[:, 0].to(torch.float64) - 2 ** (self.w_spec.bits - 1))       # (N,)
+        if self.a_spec.sym and not zw.any():
+            y = acc
+        else:
+            k = x2.shape[-1]
+            rx = xq.to(torch.float64).sum(-1, keepdim=True)                         # (M, 1)
+            cw = w8.to(torch.float64).sum(-1)                                        # (N,)
+            zx = xz.to(torch.float64)
+            y = acc - zw * rx - zx * cw + k * zx * zw
+        y = (y * xs.to(torch.float64) * self.scale[:, 0].to(torch.float64)).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def meta(self) -> dict:
+        from dataclasses import asdict
+        return {"type": "RealLinear", "in": self.in_features, "out": self.out_features,
+                "bias": self.bias is not None, "w_spec": asdict(self.w_spec),
+                "a_spec": asdict(self.a_spec) if self.a_spec else None, "kernel": self.kernel}
+
+    @classmethod
+    def from_meta(cls, meta: dict, device=None) -> "RealLinear":
+        return cls(meta["in"], meta["out"], meta["bias"], QSpec(**meta["w_spec"]),
+                   QSpec(**meta["a_spec"]) if meta["a_spec"] else None, meta["kernel"], device=device)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, W={self.w_spec}, "
+                f"A={self.a_spec or 'float'}, kernel={self.kernel}")
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings as int8 codes with one float32 scale per row (symmetric, per token row)."""
+
+    def __init__(self, num: int, dim: int, device=None):
+        super().__init__()
+        self.register_buffer("codes", torch.zeros(num, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(num, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_embedding(cls, emb: nn.Embedding) -> "Int8Embedding":
+        m = cls(emb.num_embeddings, emb.embedding_dim, device=emb.weight.device)
+        q, scale, _ = int_quantize(emb.weight.float(), QSpec(8, True, "channel"))
+        m.codes.copy_(q)
+        m.scale.copy_(scale.squeeze(-1))
+        return m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.codes).to(torch.float32) * self.scale[ids].unsqueeze(-1)
+
+    def meta(self) -> dict:
+        return {"type": "Int8Embedding", "num": self.codes.shape[0], "dim": self.codes.shape[1]}
+
+
+class Int8TiedHead(nn.Module):
+    """The LM head tied to an Int8Embedding: the same codes and scales, weight-only int8 through
+    `torch.ops.aten._weight_int8pack_mm` (float activations, int8 weights, per-row scales)."""
+
+    def __init__(self, emb: Int8Embedding):
+        super().__init__()
+        self.emb = [emb]                          # not a submodule: its buffers are saved once
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        emb = self.emb[0]
+        shape = h.shape
+        y = torch.ops.aten._weight_int8pack_mm(h.reshape(-1, shape[-1]).float().contiguous(), emb.codes, emb.scale)
+        return y.reshape(*shape[:-1], -1).to(h.dtype)
+
+    def meta(self) -> dict:
+        return {"type": "Int8TiedHead"}
+
+
+EMBEDDINGS = ("float16", "int8")
+
+
+@torch.no_grad()
+def to_real(model: nn.Module, kernel: str | None = None, embeddings: str = "float16") -> nn.Module:
+    """Replace every QLinear of a quantized cell (in place) by a RealLinear and round what stays in
+    floating point (embeddings, norms, an untied LM head) through float16, the storage format; with
+    embeddings="int8", the token embeddings become int8 rows and a tied LM head shares them."""
+    from .arch import arch_map, set_submodule
+    if embeddings not in EMBEDDINGS:
+        raise SlmquantError(f"embeddings {embeddings!r}: choose from {', '.join(EMBEDDINGS)}")
+    names = [n for n, m in model.named_modules() if isinstance(m, QLinear) and m.w_spec is not None]
+    if not names:
+        raise SlmquantError("no quantized linear layers: real models are built from quantized cells")
+    for name in names:
+        set_submodule(model, name, RealLinear.from_qlinear(model.get_submodule(name), kernel))
+    for p in model.parameters():
+        p.copy_(p.to(torch.float16).to(p.dtype))
+    amap = arch_map(model)
+    if embeddings == "int8":
+        emb = Int8Embedding.from_embedding(model.get_submodule(amap.embed))
+        set_submodule(model, amap.embed, emb)
+        if model.config.tie_word_embeddings:
+            set_submodule(model, amap.lm_head, Int8TiedHead(emb))
+        else:
+            head = model.get_submodule(amap.lm_head)
+            q = QLinear.from_linear(head, QSpec(8, True, "channel"), None)
+            set_submodule(model, amap.lm_head, RealLinear.from_qlinear(q, "dequant"))
+    model.slmquant_real = {"embeddings": embeddings, "kernels": kernel_paths(model)}
+    return model
+
+
+def state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of a real model once (a tied LM head is not repeated), floats as float16."""
+    out, seen, modules = {}, set(), dict(model.named_modules())
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        keep = isinstance(modules.get(name.rsplit(".", 1)[0]), (RealLinear, Int8Embedding))
+        out[name] = t.contiguous() if keep or not t.is_floating_point() else t.to(torch.float16).contiguous()
+    return out
+
+
+def storage(model: nn.Module) -> dict:
+    """Bytes a real (or float) model takes as saved: tied tensors counted once; the token
+    embeddings (and an untied LM head) apart."""
+    from .arch import arch_map
+    amap = arch_map(model)
+    state = state_to_save(model) if any(isinstance(m, RealLinear) for m in model.modules()) else {
+        k: v.to(torch.float16) for k, v in _unique(model).items()}
+    emb = sum(v.numel() * v.element_size() for k, v in state.items()
+              if k.startswith(amap.embed + ".") or k.startswith(amap.lm_head + "."))
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    return {"bytes": total, "embedding_bytes": emb, "bytes_without_embeddings": total - emb}
+
+
+def _unique(model: nn.Module) -> dict[str, torch.Tensor]:
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen and t.is_floating_point():
+            seen.add(key)
+            out[name] = t
+    return out
+
+
+def kernel_paths(model: nn.Module) -> dict[str, int]:
+    """kernel name -> number of RealLinear modules using it."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, RealLinear):
+            out[m.kernel] = out.get(m.kernel, 0) + 1
+    return out
+
+
+FILE = "model.safetensors"
+
+
+def save_real(model: nn.Module, tokenizer, folder, record: dict | None = None) -> dict:
+    """Write a real model (tensors once, floats as float16, integer weights as stored) with its
+    config, module layout and record in the safetensors metadata, and the tokenizer beside it.
+    Returns the storage figures."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layout = {n: m.meta() for n, m in model.named_modules()
+              if isinstance(m, (RealLinear, Int8Embedding, Int8TiedHead))}
+    meta = {"config": model.config.to_dict(), "modules": layout, "real": getattr(model, "slmquant_real", {}),
+            "record": record or {}}
+    tmp = folder / (FILE + ".tmp")
+    save_file(state_to_save(model), str(tmp), metadata={"slmquant": json.dumps(meta, default=str)})
+    tmp.replace(folder / FILE)
+    tokenizer.save_pretrained(str(folder))
+    return {**storage(model), "file_bytes": (folder / FILE).stat().st_size}
+
+
+@torch.no_grad()
+def load_real(folder, device: str = "cpu") -> tuple[nn.Module, object]:
+    """(model, tokenizer) from a folder written by save_real: one call, no float weights needed."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .arch import arch_map, set_submodule
+    folder = Path(folder)
+    path = folder / FILE
+    if not path.is_file():
+        raise SlmquantError(f"no real model at {folder}: {FILE} is missing (write one with save_real)")
+    with safe_open(str(path), "pt", device=device) as f:
+        meta = json.loads(f.metadata()["slmquant"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = dict(meta["config"])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).to(device).eval()
+    amap = arch_map(model)
+    for name, m in meta["modules"].items():
+        if m["type"] == "RealLinear":
+            set_submodule(model, name, RealLinear.from_meta(m, device=device))
+        elif m["type"] == "Int8Embedding":
+            set_submodule(model, name, Int8Embedding(m["num"], m["dim"], device=device))
+    for name, m in meta["modules"].items():
+        if m["type"] == "Int8TiedHead":
+            set_submodule(model, name, Int8TiedHead(model.get_submodule(amap.embed)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {f"{amap.lm_head}.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise SlmquantError(f"{path}: does not match its layout (missing {sorted(set(missing) - tied)[:5]}, "
+                            f"unexpected {unexpected[:5]})")
+    model.slmquant_real = {**meta["real"], "kernels": kernel_paths(model)}
+    model.slmquant_record = meta["record"]
+    return model, AutoTokenizer.from_pretrained(str(folder))

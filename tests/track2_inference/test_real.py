@@ -1,0 +1,155 @@
+"""Real low-bit models: integer codes recovered exactly from fake-quantized weights, 4-bit packing,
+integer kernels against the fake-quantized layer, whole tiny models of every method and
+architecture against their fake-quantized cells, save and load in one call, storage accounting."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slmquant.errors import SlmquantError
+from slmquant.methods import make_config, quantize
+from slmquant.models import SUPPORTED_ARCHS, tiny_model
+from slmquant.quant import QLinear, QSpec, fake_quant
+from slmquant.real import (RealLinear, grid_of, kernel_paths, load_real, pack4, save_real, storage, to_real,
+                           unpack4)
+
+
+@st.composite
+def weights_on_a_grid(draw):
+    bits = draw(st.sampled_from([4, 8]))
+    sym = draw(st.booleans())
+    group = draw(st.sampled_from([None, 8, 16]))
+    spec = QSpec(bits, sym, "group" if group else "channel", group)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    W = torch.randn(draw(st.integers(1, 6)), 32, generator=g) * draw(st.sampled_from([1e-3, 1.0, 30.0]))
+    Wq = fake_quant(W, spec)
+    if draw(st.booleans()):            # codes that never reach the extremes (as GPTQ may leave them)
+        scale = Wq.abs().max() / spec.qmax
+        Wq = (Wq / scale).round().clamp(-2, 3) * scale
+    return Wq, spec
+
+
+@settings(max_examples=60, deadline=None)
+@given(weights_on_a_grid())
+def test_grid_is_recovered_exactly(case):
+    W, spec = case
+    u, scale, zero = grid_of(W, spec)
+    assert u.dtype == torch.uint8 and int(u.max()) <= 2 ** spec.bits - 1
+    g = u.reshape(W.shape[0], scale.shape[1], -1).float()
+    back = ((g - zero.float().unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(W.shape)
+    assert torch.allclose(back, W, rtol=1e-6, atol=1e-7 * float(W.abs().max()))
+
+
+def test_weights_off_the_grid_are_refused():
+    with pytest.raises(SlmquantError, match="not on a"):
+        grid_of(torch.randn(4, 32), QSpec(4, True, "channel"))
+
+
+@settings(deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_pack4_roundtrip(seed):
+    u = torch.randint(0, 16, (3, 10), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    p = pack4(u)
+    assert p.shape == (3, 5) and torch.equal(unpack4(p), u)
+
+
+SPECS = [(QSpec(8, True, "channel"), QSpec(8, True, "token")),
+         (QSpec(4, True, "channel"), QSpec(8, True, "token")),
+         (QSpec(4, False, "channel"), QSpec(8, True, "token")),
+         (QSpec(8, False, "channel"), QSpec(8, False, "token")),
+         (QSpec(4, True, "channel"), None),
+         (QSpec(4, False, "group", 16), None)]
+
+
+@pytest.mark.parametrize("w_spec,a_spec", SPECS, ids=[f"{w}-{a}" for w, a in SPECS])
+def test_real_linear_computes_what_the_fake_quantized_layer_computes(w_spec, a_spec):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True)
+    q = QLinear.from_linear(lin, w_spec, a_spec)
+    r = RealLinear.from_qlinear(q)
+    assert r.kernel == ("int_mm" if a_spec is not None else "dequant")
+    x = torch.randn(3, 7, 64) * 3
+    ref, out = q(x), r(x)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert r.qweight.dtype == (torch.int8 if w_spec.bits == 8 else torch.uint8)
+    assert r.qweight.numel() == 48 * 64 // (8 // w_spec.bits)
+
+
+def _cells():
+    return [("rtn", "w8a8", {}), ("rtn", "w4a8", {"sym": False}), ("rtn", "w4a16", {"group_size": 32}),
+            ("gptq", "w4a8", {"calib_samples": 2, "calib_seqlen": 64}),
+            ("smoothquant", "w8a8", {"calib_samples": 2, "calib_seqlen": 64})]
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+@pytest.mark.parametrize("method,bits,over", _cells(), ids=lambda v: v if isinstance(v, str) else None)
+def test_real_model_matches_its_fake_quantized_cell(arch, method, bits, over, tmp_path):
+    from slmquant.data import calib_windows
+    model, tok = tiny_model(arch, seed=1)
+    cfg = make_config(method, bits, over)
+    calib = calib_windows(tok, cfg.calib_samples, cfg.calib_seqlen, 0) if hasattr(cfg, "calib_samples") else None
+    quantize(model, method, cfg, calib)
+    ids = torch.randint(0, 2000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        real = to_real(copy.deepcopy(model))
+        out = real(ids).logits
+        kept = {id(p) for q in model.modules() if isinstance(q, QLinear) for p in q.parameters()}
+        for p in model.parameters():          # the fake cell with its float parts stored as float16
+            if id(p) not in kept:
+                p.copy_(p.half().float())
+        ref = model(ids).logits
+    # integer codes and kernels compute what the fake-quantized layers compute, up to float32
+    # rounding (exact per layer: test above); through a model, a last-bit difference can move a
+    # dynamic activation across a rounding boundary, one step of 1/127 of its row's range
+    err = (out - ref).abs() / ref.abs().max()
+    assert float(err.max()) < 0.02 and float(err.mean()) < 1e-3, (float(err.max()), float(err.mean()))
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+    paths = kernel_paths(real)
+    assert sum(paths.values()) == 7 * 2 and set(paths) == ({"dequant"} if bits == "w4a16" else {"int_mm"})
+    save_real(real, tok, tmp_path, {"cell": "test"})
+    again, _ = load_real(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, out)
+    assert again.slmquant_real["kernels"] == paths and again.slmquant_record == {"cell": "test"}
+
+
+def test_int8_embeddings_share_the_tied_head_and_shrink_storage(tmp_path):
+    model, tok = tiny_model("llama")
+    float16 = storage(model)
+    quantize(model, "rtn", make_config("rtn", "w8a8"))
+    ids = torch.randint(0, 2000, (1, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+        real = to_real(copy.deepcopy(model), embeddings="int8")
+        out = real(ids).logits
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    st_ = save_real(real, tok, tmp_path)
+    vocab, dim = model.config.vocab_size, model.config.hidden_size
+    assert st_["embedding_bytes"] == vocab * dim + 4 * vocab            # int8 codes + float32 row scales, once
+    assert st_["bytes"] < 0.56 * float16["bytes"]
+    again, _ = load_real(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, out)
+
+
+def test_storage_counts_tied_weights_once():
+    model, _ = tiny_model("llama")
+    s = storage(model)
+    n = sum(p.numel() for p in model.parameters())         # parameters() yields a tied tensor once
+    assert s["bytes"] == 2 * n and s["embedding_bytes"] == 2 * model.config.vocab_size * model.config.hidden_size
+
+
+def test_real_models_need_a_quantized_cell_and_a_saved_folder(tmp_path):
+    model, _ = tiny_model("llama")
+    with pytest.raises(SlmquantError, match="no quantized linear"):
+        to_real(model)
+    with pytest.raises(SlmquantError, match="model.safetensors is missing"):
+        load_real(tmp_path)
+    quantize(model, "rtn", make_config("rtn", "w8a8"))
+    with pytest.raises(SlmquantError, match="embeddings 'int4'"):
+        to_real(model, embeddings="int4")
