@@ -253,6 +253,59 @@ def cmd_run(args) -> dict:
     return {"model": model_name, "profile": args.profile, "rows": rows, "out": str(out)}
 
 
+def cmd_profile(args) -> dict:
+    """Track 2 for one cell, side by side with the float model in the same process: the cell as a real
+    low-bit model (integer weights, integer kernels), prefill and decode speed, peak memory, storage
+    against the float16 checkpoint (tied weights once), MACs, slmq_infer (tokens/s and MACs variants)."""
+    import copy
+
+    from . import infer, real, scores
+    from .models import load_model
+    if args.data_dir:
+        os.environ["SLMQUANT_DATA"] = args.data_dir
+    model, tok = load_model(args.model, device=_device(args.device))
+    qmodel, record = _quantized(args, model, tok, args.method, args.bits)
+    rmodel = real.to_real(copy.deepcopy(qmodel), embeddings=args.embeddings)
+    del qmodel
+    ids = infer.fixed_input(tok).to(next(model.parameters()).device)
+    kw = dict(iters=args.iters, warmup=args.warmup, decode_tokens=args.decode_tokens)
+    t_float = infer.measure(model, ids, **kw).to_dict()
+    t_real = infer.measure(rmodel, ids, **kw).to_dict()
+    s_float, s_real = real.storage(model), real.storage(rmodel)
+    if args.save:
+        real.save_real(rmodel, tok, args.save, record)
+    result = {
+        "model": args.model, "source": model.slmquant_source.to_dict(), "cell": record["cell"],
+        "embeddings": args.embeddings, "kernels": real.kernel_paths(rmodel), "device": t_float["device"],
+        "settings": kw, "float": {**t_float, "storage": s_float}, "real": {**t_real, "storage": s_real},
+        "ratios": {"prefill_speedup": t_real["prefill_tok_s"] / t_float["prefill_tok_s"],
+                   "decode_speedup": t_real["decode_tok_s"] / t_float["decode_tok_s"],
+                   "memory": t_real["peak_mem_bytes"] / t_float["peak_mem_bytes"],
+                   "storage_vs_float16": s_real["bytes"] / s_float["bytes"],
+                   "storage_vs_float16_without_embeddings":
+                       s_real["bytes_without_embeddings"] / s_float["bytes_without_embeddings"]},
+        "slmq_infer": scores.slmq_infer((t_float["peak_mem_bytes"], t_real["peak_mem_bytes"]),
+                                        (t_float["prefill_tok_s"], t_real["prefill_tok_s"]),
+                                        (s_float["bytes"], s_real["bytes"])),
+        "slmq_infer_macs": scores.slmq_infer_macs((t_float["peak_mem_bytes"], t_real["peak_mem_bytes"]),
+                                                  (t_float["macs"]["total"], t_real["macs"]["total"]),
+                                                  (s_float["bytes"], s_real["bytes"])),
+        "quantization": record}
+    if not args.json:
+        r = result["ratios"]
+        print(f"{record['cell']} ({args.embeddings} embeddings; kernels {result['kernels']}) on {result['device']}")
+        print(f"  prefill {t_real['prefill_tok_s']:.1f} tok/s vs float {t_float['prefill_tok_s']:.1f} "
+              f"(x{r['prefill_speedup']:.2f}); decode {t_real['decode_tok_s']:.1f} vs {t_float['decode_tok_s']:.1f} "
+              f"(x{r['decode_speedup']:.2f})")
+        print(f"  peak memory x{r['memory']:.3f}; storage {s_real['bytes'] / 2**20:.1f} MiB = "
+              f"x{r['storage_vs_float16']:.3f} of float16 (x{r['storage_vs_float16_without_embeddings']:.3f} "
+              f"without embeddings)")
+        print(f"  MACs: {t_real['macs']['int'] / 1e9:.2f} G integer + {t_real['macs']['float'] / 1e9:.2f} G float "
+              f"(float model {t_float['macs']['total'] / 1e9:.2f} G); slmq_infer {result['slmq_infer']:.1f} "
+              f"(MACs variant {result['slmq_infer_macs']:.1f})")
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -277,10 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("method")
     qz.add_argument("bits")
     qz.add_argument("--out", default=None, help="folder for model.safetensors and slmquant_cell.json")
-    for q in (e, qz):
+    pf = sub.add_parser("profile", parents=[common], help="track 2: a cell as a real low-bit model against float")
+    pf.add_argument("model")
+    pf.add_argument("method")
+    pf.add_argument("bits")
+    pf.add_argument("--embeddings", choices=["float16", "int8"], default="float16")
+    pf.add_argument("--iters", type=int, default=100, help="timed prefill iterations (default 100)")
+    pf.add_argument("--warmup", type=int, default=10)
+    pf.add_argument("--decode-tokens", type=int, default=128)
+    pf.add_argument("--save", default=None, help="folder to save the real model in (load it with slmquant.real.load_real)")
+    for q in (e, qz, pf):
         q.add_argument("--set", action="append", metavar="KEY=VALUE", help="any field of the method's config")
         q.add_argument("--group-size", type=int, default=None)
-    for q in (e, qz, sub.add_parser("run", parents=[common], help="the main job on the bundled default model")):
+    for q in (e, qz, pf, sub.add_parser("run", parents=[common], help="the main job on the bundled default model")):
         q.add_argument("--profile", choices=["quick", "paper"], default="quick")
         q.add_argument("--device", default="auto")
     r = sub._name_parser_map["run"]
@@ -289,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"cache": cmd_cache, "models": cmd_models, "data": cmd_data, "eval": cmd_eval, "quantize": cmd_quantize, "run": cmd_run}
+COMMANDS = {"cache": cmd_cache, "models": cmd_models, "data": cmd_data, "eval": cmd_eval, "quantize": cmd_quantize, "run": cmd_run,
+            "profile": cmd_profile}
 
 
 def _quiet_imports() -> None:

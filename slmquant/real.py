@@ -8,11 +8,17 @@ or group is an integer multiple, within the spec's range) and refuses weights th
 a grid, so nothing is rounded twice and a real model computes what its fake-quantized cell computes.
 
 Kernels, recorded per module (`RealLinear.kernel`) and per model (`kernel_paths`):
-- "int_mm": 8-bit dynamic per-token activations x integer weights through `torch._int_mm` (int8 x
-  int8 -> int32, exact), then the activation and weight scales and, for asymmetric grids, the
-  zero-point corrections. 4-bit weights are unpacked to int8 on every call (W4A8).
+- "onednn_u8s8" / "onednn_u7x2" (CPU, symmetric 8-bit activations): oneDNN's int8 matmul
+  (`torch.ops.onednn.qlinear_pointwise`, weights prepacked at first use; 4-bit weights are unpacked
+  to int8 for it, so W4A8 runs with W8's memory and W4's storage). CPUs without VNNI sum u8 x s8
+  pairs in saturating int16: exact for 4-bit weights, not for 8-bit ones, which take "u7x2": the
+  activations split into two 7-bit halves, one call with twice the rows (exact, about twice the work).
+- "int_mm": `torch._int_mm` (int8 x int8 -> int32, exact): CUDA, and asymmetric activations; on a
+  CPU a slow reference loop.
 - "dequant": weights unpacked and dequantized on every call, a float matmul (W4A16, group-wise
   grids, activations other than 8-bit).
+Every integer path applies the activation and weight scales after the integer sums and corrects
+asymmetric weight zero points with row sums.
 """
 from __future__ import annotations
 
@@ -24,7 +30,14 @@ from .errors import SlmquantError
 from .quant import QLinear, QSpec, fake_quant
 from .quant import quantize as int_quantize
 
+KERNELS = ("onednn_u8s8", "onednn_u7x2", "int_mm", "dequant")
 GRID_RTOL = 1e-3           # |W / s - round(W / s)| allowed when recovering a grid (float32 products)
+
+
+def _has_vnni() -> bool:
+    """CPUs whose int8 dot products accumulate in int32 (VNNI, AMX): oneDNN's u8 x s8 is exact."""
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    return "VNNI" in cap or "AMX" in cap
 
 
 def _groups(W: torch.Tensor, spec: QSpec) -> torch.Tensor:
@@ -113,12 +126,20 @@ class RealLinear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, groups, device=device))
         self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.int16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self.kernel = kernel or self.default_kernel(w_spec, a_spec)
+        self.kernel = kernel or self.default_kernel(w_spec, a_spec, str(self.qweight.device))
+        if self.kernel not in KERNELS:
+            raise SlmquantError(f"kernel {self.kernel!r}: choose from {', '.join(KERNELS)}")
+        self._packed = None                       # oneDNN's prepacked int8 weight, built at first use
 
     @staticmethod
-    def default_kernel(w_spec: QSpec, a_spec: QSpec | None) -> str:
+    def default_kernel(w_spec: QSpec, a_spec: QSpec | None, device: str = "cpu") -> str:
         per_channel = w_spec.granularity in ("channel", "token")
-        return "int_mm" if a_spec is not None and a_spec.bits == 8 and per_channel else "dequant"
+        if a_spec is None or a_spec.bits != 8 or not per_channel:
+            return "dequant"
+        if device.startswith("cuda") or not a_spec.sym or not torch.backends.mkldnn.is_available():
+            return "int_mm"
+        # 4-bit weights keep u8 x s8 pairs inside int16 (255 * 8 * 2): one exact pass on any x86
+        return "onednn_u8s8" if w_spec.bits <= 4 or _has_vnni() else "onednn_u7x2"
 
     @classmethod
     @torch.no_grad()
@@ -153,7 +174,48 @@ class RealLinear(nn.Module):
         if self.kernel == "dequant":
             return F.linear(fake_quant(x, self.a_spec), self.dequantized(x.dtype),
                             None if self.bias is None else self.bias.to(x.dtype))
+        if self.kernel.startswith("onednn"):
+            return self._onednn(x)
         return self._int_mm(x)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        """Symmetric 8-bit activations through oneDNN's u8 x s8 int8 matmul. Without VNNI (AVX2) the
+        u8 x s8 pairs are summed in saturating int16, which is exact only for 7-bit activations: the
+        "u7x2" path splits q = 2 * hi + lo (hi + 64 and lo in 0..127) and runs both halves as one call
+        with twice the rows. Weight zero points (asymmetric grids) are corrected with the row sums."""
+        if self._packed is None:
+            self._packed = torch.ops.onednn.qlinear_prepack(self.int8_weight().contiguous(), None)
+            self._wz = (self.zero[:, 0].float() - 2 ** (self.w_spec.bits - 1))           # (N,)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        q, xs, _ = int_quantize(x2, self.a_spec)                                          # int8, (M, 1)
+        ones = torch.ones(self.out_features)
+        zeros = torch.zeros(self.out_features, dtype=torch.int64)
+        if self.kernel == "onednn_u8s8":
+            acc = torch.ops.onednn.qlinear_pointwise((q.to(torch.int16) + 128).to(torch.uint8), 1.0, 128, self._packed,
+                                                     ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")
+        else:
+            hi = torch.div(q, 2, rounding_mode="floor")
+            both = torch.cat(((hi + 64).to(torch.uint8), (q - 2 * hi).to(torch.uint8)))
+            out = torch.ops.onednn.qlinear_pointwise(both, 1.0, 0, self._packed, ones, zeros, None, 1.0, 0,
+                                                     torch.float32, "none", [], "")
+            m = q.shape[0]
+            acc = 2 * out[:m] + out[m:] - 128 * self._colsum()      # (hi + 64): remove 64 * 2 * sum(w)
+        if self._wz.any():
+            acc = acc - q.float().sum(-1, keepdim=True) * self._wz
+        y = acc * xs * self.scale[:, 0]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _colsum(self) -> torch.Tensor:
+        if getattr(self, "_wsum", None) is None or self._packed is None:
+            self._wsum = self.int8_weight().float().sum(-1)
+        return self._wsum
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
