@@ -188,7 +188,9 @@ class RealLinear(nn.Module):
         "u7x2" path splits q = 2 * hi + lo (hi + 64 and lo in 0..127) and runs both halves as one call
         with twice the rows. Weight zero points (asymmetric grids) are corrected with the row sums."""
         if self._packed is None:
-            self._packed = torch.ops.onednn.qlinear_prepack(self.int8_weight().contiguous(), None)
+            w8 = self.int8_weight().contiguous()
+            self._packed = torch.ops.onednn.qlinear_prepack(w8, None)
+            self._wsum = w8.float().sum(-1)                                                # (N,)
             self._wz = (self.zero[:, 0].float() - 2 ** (self.w_spec.bits - 1))           # (N,)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
@@ -204,18 +206,13 @@ class RealLinear(nn.Module):
             out = torch.ops.onednn.qlinear_pointwise(both, 1.0, 0, self._packed, ones, zeros, None, 1.0, 0,
                                                      torch.float32, "none", [], "")
             m = q.shape[0]
-            acc = 2 * out[:m] + out[m:] - 128 * self._colsum()      # (hi + 64): remove 64 * 2 * sum(w)
+            acc = 2 * out[:m] + out[m:] - 128 * self._wsum          # (hi + 64): remove 64 * 2 * sum(w)
         if self._wz.any():
             acc = acc - q.float().sum(-1, keepdim=True) * self._wz
         y = acc * xs * self.scale[:, 0]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-
-    def _colsum(self) -> torch.Tensor:
-        if getattr(self, "_wsum", None) is None or self._packed is None:
-            self._wsum = self.int8_weight().float().sum(-1)
-        return self._wsum
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
