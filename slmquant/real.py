@@ -328,12 +328,8 @@ def to_real(model: nn.Module, kernel: str | None = None, embeddings: str = "floa
 
 def state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of a real model once (a tied LM head is not repeated), floats as float16."""
-    out, seen, modules = {}, set(), dict(model.named_modules())
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
+    out, modules = {}, dict(model.named_modules())
+    for name, t in unique_tensors(model.state_dict().items()):
         keep = isinstance(modules.get(name.rsplit(".", 1)[0]), (RealLinear, Int8Embedding))
         out[name] = t.contiguous() if keep or not t.is_floating_point() else t.to(torch.float16).contiguous()
     return out
@@ -345,21 +341,21 @@ def storage(model: nn.Module) -> dict:
     from .arch import arch_map
     amap = arch_map(model)
     state = state_to_save(model) if any(isinstance(m, RealLinear) for m in model.modules()) else {
-        k: v.to(torch.float16) for k, v in _unique(model).items()}
+        k: v.to(torch.float16) for k, v in unique_tensors(model.state_dict().items()) if v.is_floating_point()}
     emb = sum(v.numel() * v.element_size() for k, v in state.items()
               if k.startswith(amap.embed + ".") or k.startswith(amap.lm_head + "."))
     total = sum(v.numel() * v.element_size() for v in state.values())
     return {"bytes": total, "embedding_bytes": emb, "bytes_without_embeddings": total - emb}
 
 
-def _unique(model: nn.Module) -> dict[str, torch.Tensor]:
-    out, seen = {}, set()
-    for name, t in model.state_dict().items():
+def unique_tensors(named):
+    """(name, tensor) pairs with tensors that share storage (tied weights) kept once, first name wins."""
+    seen = set()
+    for name, t in named:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen and t.is_floating_point():
+        if key not in seen:
             seen.add(key)
-            out[name] = t
-    return out
+            yield name, t
 
 
 def kernel_paths(model: nn.Module) -> dict[str, int]:

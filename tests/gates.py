@@ -185,9 +185,8 @@ def check_tasks(cell: Cell, metrics: dict, floors: dict) -> list[str]:
                        "confidently better than float, suspicious")
     if metrics["mean_abs_dll"] == 0.0:
         out.append(f"{cell.id}: no loglikelihood changed: the quantizer did not run")
-    for key, bound in floors.items():
-        if key == "min_agreement" and metrics["agreement"] < bound:
-            out.append(f"{cell.id}: answer agreement with float {metrics['agreement']:.3f} < {bound}")
-        if key == "max_abs_dll" and metrics["mean_abs_dll"] > bound:
-            out.append(f"{cell.id}: mean |loglikelihood change| {metrics['mean_abs_dll']:.4f} > {bound}")
+    if "min_agreement" in floors and metrics["agreement"] < floors["min_agreement"]:
+        out.append(f"{cell.id}: answer agreement with float {metrics['agreement']:.3f} < {floors['min_agreement']}")
+    if "max_abs_dll" in floors and metrics["mean_abs_dll"] > floors["max_abs_dll"]:
+        out.append(f"{cell.id}: mean |loglikelihood change| {metrics['mean_abs_dll']:.4f} > {floors['max_abs_dll']}")
     return out
