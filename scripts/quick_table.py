@@ -5,6 +5,11 @@ a rerun is cheap and an interrupted run resumes.
 
     .venv/bin/python scripts/quick_table.py [--models smollm2-135m,qwen2.5-0.5b] [--methods rtn,gptq]
         [--only SUBSTRING] [--out results/quick_table.json]
+
+Cells outside the suite (ablations): --cell METHOD:BITS[:KEY=VALUE,...] (repeatable; --methods and
+--only then do not apply), e.g. --cell smoothquant:w8a8:alpha_search=true,smooth_vo=false.
+--calib paper keeps the methods' paper calibration (GPTQ 128 x 2048, SmoothQuant 512 x 512) while
+still scoring the quick subset.
 """
 from __future__ import annotations
 
@@ -24,14 +29,40 @@ from slmquant.models import load_model
 from slmquant.profiles import profile_settings
 
 
-def plan(models: list[str], methods: list[str] | None, only: str | None, skip: str | None = None):
+def _value(v: str):
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_cell(spec: str) -> tuple[str, str, dict]:
+    """METHOD:BITS[:KEY=VALUE,...] -> (method, bits, settings)."""
+    method, bits, *rest = spec.split(":", 2)
+    settings = dict(kv.split("=", 1) for kv in rest[0].split(",")) if rest and rest[0] else {}
+    return method, bits, {k: _value(v) for k, v in settings.items()}
+
+
+def plan(models: list[str], methods: list[str] | None, only: str | None, skip: str | None = None,
+         extra: list[str] | None = None, calib: str = "quick"):
     for model in models:
         yield model, None
+        if extra:
+            for spec in extra:
+                method, bits, settings = parse_cell(spec)
+                yield model, Cell(model, method, make_config(method, bits, {**profile_settings(method, calib),
+                                                                           **settings}))
+            continue
         for name, m in all_methods().items():
             if methods and name not in methods:
                 continue
             for bits, settings in m.suite:
-                cell = Cell(model, name, make_config(name, bits, {**profile_settings(name, "quick"), **settings}))
+                cell = Cell(model, name, make_config(name, bits, {**profile_settings(name, calib), **settings}))
                 if (only is None or only in cell.id) and (skip is None or skip not in cell.id):
                     yield model, cell
 
@@ -42,6 +73,10 @@ def main() -> int:
     p.add_argument("--methods", default=None, help="comma-separated; default: every registered method")
     p.add_argument("--only", default=None, help="only cells whose id contains this")
     p.add_argument("--skip", default=None, help="skip cells whose id contains this")
+    p.add_argument("--cell", action="append", default=None, metavar="METHOD:BITS[:K=V,...]",
+                   help="a cell outside the suite (repeatable)")
+    p.add_argument("--calib", choices=["quick", "paper"], default="quick",
+                   help="calibration budget: the quick profile's, or the methods' paper settings")
     p.add_argument("--out", default="results/quick_table.json")
     args = p.parse_args()
     out = Path(args.out)
@@ -50,7 +85,7 @@ def main() -> int:
     cells, measures = CellCache(), MeasureCache()
     loaded: dict = {}
     for model_name, cell in plan(args.models.split(","), args.methods and args.methods.split(","),
-                                 args.only, args.skip):
+                                 args.only, args.skip, args.cell, args.calib):
         if model_name not in loaded:
             loaded.clear()
             loaded[model_name] = load_model(model_name)

@@ -140,6 +140,8 @@ def cmd_eval(args) -> dict:
         raise SlmquantError(f"unknown task(s) {', '.join(unknown)}: available: wikitext2, {', '.join(TASKS)}")
     if (args.method is None) != (args.bits is None) and args.method != "none":
         raise SlmquantError("give both METHOD and BITS (e.g. rtn w4a8), or neither for the float model")
+    if args.real and args.method in (None, "none"):
+        raise SlmquantError("--real needs a quantized cell (METHOD BITS): the float model has no integer form")
     limit = _limit(args.limit)
     if args.data_dir:
         os.environ["SLMQUANT_DATA"] = args.data_dir
@@ -154,6 +156,12 @@ def cmd_eval(args) -> dict:
         model_key = record["key"]
         result.update(method=args.method, bits=record["bits"], cell=record["cell"],
                       settings=record["settings"], quantization=record)
+        if args.real:
+            from . import real
+            model = real.to_real(model, embeddings=args.real)
+            kernels = real.kernel_paths(model)
+            model_key += f":real:{args.real}:" + ",".join(f"{k}={v}" for k, v in sorted(kernels.items()))
+            result.update(real={"embeddings": args.real, "kernels": kernels}, cell=record["cell"] + f" (real, {args.real} embeddings)")
     t0 = time.perf_counter()
     name = result.get("cell", args.model + " float")
     if "wikitext2" in tasks:
@@ -269,8 +277,10 @@ def cmd_profile(args) -> dict:
     del qmodel
     ids = infer.fixed_input(tok).to(next(model.parameters()).device)
     kw = dict(iters=args.iters, warmup=args.warmup, decode_tokens=args.decode_tokens)
-    t_float = infer.measure(model, ids, **kw).to_dict()
-    t_real = infer.measure(rmodel, ids, **kw).to_dict()
+    # prefill timed interleaved (a slow spell of a shared machine hits both alike), then each alone
+    tps_float, tps_real = infer.prefill_side_by_side([model, rmodel], ids, args.iters, args.warmup)
+    t_float = infer.measure(model, ids, **kw, prefill_tok_s=tps_float).to_dict()
+    t_real = infer.measure(rmodel, ids, **kw, prefill_tok_s=tps_real).to_dict()
     s_float, s_real = real.storage(model), real.storage(rmodel)
     if args.save:
         real.save_real(rmodel, tok, args.save, record)
@@ -325,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", default="wikitext2", help="comma-separated: wikitext2, arc_easy, arc_challenge, piqa, hellaswag, mmlu_cloze, mmlu")
     e.add_argument("--limit", default=None, help="N (a seeded sample of N windows/items) or 'all'")
     e.add_argument("--fresh", action="store_true", help="measure again even when a cached measurement exists")
+    e.add_argument("--real", nargs="?", const="float16", choices=["float16", "int8"], default=None,
+                   help="score the cell as a real low-bit model (integer weights and kernels); the value "
+                        "is how its embeddings are stored (default float16)")
     qz = sub.add_parser("quantize", parents=[common], help="quantize one cell (cached) and optionally save it")
     qz.add_argument("model")
     qz.add_argument("method")

@@ -94,9 +94,12 @@ class Track2:
 
 
 def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors in memory: parameters and buffers (tied ones once), plus what
+    modules hold outside them at run time (a RealLinear's prepacked kernel weight)."""
     from .real import unique_tensors
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    return sum(t.numel() * t.element_size() for _, t in unique_tensors(tensors))
+    extra = sum(m.runtime_bytes() for m in model.modules() if hasattr(m, "runtime_bytes"))
+    return sum(t.numel() * t.element_size() for _, t in unique_tensors(tensors)) + extra
 
 
 def _sync(device: str) -> None:
@@ -105,25 +108,54 @@ def _sync(device: str) -> None:
 
 
 @torch.no_grad()
-def measure(model: nn.Module, ids: torch.Tensor, iters: int = ITERS, warmup: int = WARMUP,
-            decode_tokens: int = DECODE_TOKENS) -> Track2:
+def prefill_side_by_side(models: list[nn.Module], ids: torch.Tensor, iters: int = ITERS,
+                         warmup: int = WARMUP, rounds: int = 10) -> list[float]:
+    """Prefill tokens/s of several models, interleaved: after `warmup` passes of each, `rounds`
+    rounds each time iters / rounds passes of every model in turn (the order alternating), so that
+    a slow spell of a shared machine (CPU steal, another process) falls on every model alike and
+    their ratio stays meaningful."""
     device = str(ids.device)
-    for _ in range(warmup):
+    for m in models:
+        for _ in range(warmup):
+            m(ids)
+    per = max(1, iters // rounds)
+    seconds = [0.0] * len(models)
+    for r in range(rounds):
+        order = list(enumerate(models))
+        for i, m in (order if r % 2 == 0 else order[::-1]):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(per):
+                m(ids)
+            _sync(device)
+            seconds[i] += time.perf_counter() - t0
+    return [ids.shape[1] * per * rounds / s for s in seconds]
+
+
+@torch.no_grad()
+def measure(model: nn.Module, ids: torch.Tensor, iters: int = ITERS, warmup: int = WARMUP,
+            decode_tokens: int = DECODE_TOKENS, prefill_tok_s: float | None = None) -> Track2:
+    """Track 2 of one model. prefill_tok_s: already measured (`prefill_side_by_side`); the peak
+    memory is then taken over 3 prefill passes instead of the timed ones."""
+    device = str(ids.device)
+    for _ in range(warmup if prefill_tok_s is None else 1):
         model(ids)
     _sync(device)
     counter = cost.reset_peak(device)
     base = 0 if device.startswith("cuda") else _rss()
+    n = iters if prefill_tok_s is None else 3
     t0 = time.perf_counter()
-    for _ in range(iters):
+    for _ in range(n):
         model(ids)
     _sync(device)
-    prefill_s = (time.perf_counter() - t0) / iters
+    if prefill_tok_s is None:
+        prefill_tok_s = ids.shape[1] * n / (time.perf_counter() - t0)
     peak = cost.read_peak(device)
     if not device.startswith("cuda"):
         peak = model_bytes(model) + max(0, peak - base)
         counter = "model tensors + growth of the peak RSS (VmHWM, reset via clear_refs)"
     decode_s = _decode_seconds(model, ids, decode_tokens)
-    return Track2(device, ids.shape[1], ids.shape[1] / prefill_s, decode_tokens, decode_tokens / decode_s,
+    return Track2(device, ids.shape[1], prefill_tok_s, decode_tokens, decode_tokens / decode_s,
                   peak, counter, model_bytes(model), macs(model, ids))
 
 

@@ -178,6 +178,13 @@ class RealLinear(nn.Module):
             return self._onednn(x)
         return self._int_mm(x)
 
+    def runtime_bytes(self) -> int:
+        """Memory held beyond the module's buffers: oneDNN's prepacked int8 weight (built at the
+        first call; 4-bit weights are unpacked to int8 for it) and its row sums."""
+        if self._packed is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self._packed, self._wsum, self._wz))
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._packed = None
         return super()._load_from_state_dict(*args, **kwargs)
@@ -277,18 +284,44 @@ class Int8Embedding(nn.Module):
 
 
 class Int8TiedHead(nn.Module):
-    """The LM head tied to an Int8Embedding: the same codes and scales, weight-only int8 through
-    `torch.ops.aten._weight_int8pack_mm` (float activations, int8 weights, per-row scales)."""
+    """The LM head tied to an Int8Embedding: the same codes and scales. Two paths (`path`):
+    "int8pack": weight-only int8 through `torch.ops.aten._weight_int8pack_mm` (float activations,
+    int8 weights, per-row scales; the int8 codes are all it holds); "dequant": the rows dequantized
+    once, at the first call, to a float32 weight (float speed, float memory for the head). The
+    default takes int8pack on CUDA and AVX-512 CPUs; on AVX2 alone its CPU kernel measured 22x slower
+    than the float32 matmul at 128 tokens, so such CPUs take dequant (README, track 2)."""
 
-    def __init__(self, emb: Int8Embedding):
+    PATHS = ("int8pack", "dequant")
+
+    def __init__(self, emb: Int8Embedding, path: str | None = None):
         super().__init__()
         self.emb = [emb]                          # not a submodule: its buffers are saved once
+        self.path = path or self.default_path(str(emb.codes.device))
+        if self.path not in self.PATHS:
+            raise SlmquantError(f"LM head path {self.path!r}: choose from {', '.join(self.PATHS)}")
+        self._w = None
+
+    @staticmethod
+    def default_path(device: str = "cpu") -> str:
+        if device.startswith("cuda") or "AVX512" in torch.backends.cpu.get_cpu_capability().upper():
+            return "int8pack"
+        return "dequant"
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         emb = self.emb[0]
         shape = h.shape
-        y = torch.ops.aten._weight_int8pack_mm(h.reshape(-1, shape[-1]).float().contiguous(), emb.codes, emb.scale)
+        x = h.reshape(-1, shape[-1]).float()
+        if self.path == "int8pack":
+            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), emb.codes, emb.scale)
+        else:
+            if self._w is None:
+                self._w = emb.codes.to(torch.float32) * emb.scale.unsqueeze(-1)
+            y = F.linear(x, self._w)
         return y.reshape(*shape[:-1], -1).to(h.dtype)
+
+    def runtime_bytes(self) -> int:
+        """The float32 weight the dequant path keeps after its first call."""
+        return 0 if self._w is None else self._w.numel() * self._w.element_size()
 
     def meta(self) -> dict:
         return {"type": "Int8TiedHead"}
@@ -359,11 +392,14 @@ def unique_tensors(named):
 
 
 def kernel_paths(model: nn.Module) -> dict[str, int]:
-    """kernel name -> number of RealLinear modules using it."""
+    """kernel name -> number of RealLinear modules using it; an int8 tied LM head adds
+    "lm_head_<path>"."""
     out: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, RealLinear):
             out[m.kernel] = out.get(m.kernel, 0) + 1
+        elif isinstance(m, Int8TiedHead):
+            out[f"lm_head_{m.path}"] = out.get(f"lm_head_{m.path}", 0) + 1
     return out
 
 

@@ -24,6 +24,11 @@ TOL: dict[str, tuple[str, float]] = {
     "agreement": ("abs", 0.05),       # answers agreeing with float's (tiny tier: 1 of 20 items)
     "mean_abs_dll": ("rel", 0.10),    # mean |loglikelihood change| per choice against float
     "speedup": ("rel", 0.25),
+    "prefill_speedup": ("rel", 0.25), # real / float tokens/s measured side by side in one test
+    "decode_speedup": ("rel", 0.25),
+    "memory_ratio": ("rel", 0.05),    # real / float peak memory (model tensors + RSS growth)
+    "time_ratio": ("rel", 0.35),      # quantization wall time / float forward time on its calibration
+    "mem_ratio": ("rel", 0.10),       # quantization peak memory / float model bytes
 }
 REL_DEFAULT = 1e-3
 

@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import torch
 
 from slmquant import infer
 from slmquant.methods import make_config, quantize
@@ -68,3 +69,35 @@ def test_cli_profile(capsys, tmp_path):
     assert res["real"]["macs"]["int"] > 0 and res["float"]["macs"]["int"] == 0
     model, _ = load_real(tmp_path)
     assert model.slmquant_record["cell"] == res["cell"]
+
+
+def test_model_bytes_count_the_prepacked_kernel_weights():
+    """oneDNN's prepacked int8 weights live outside the module's buffers: memory figures must count
+    them once they exist (a real W4A8 model runs with int8 copies of its packed 4-bit weights)."""
+    model, tok = tiny_model("llama")
+    quantize(model, "rtn", make_config("rtn", "w4a8"))
+    real = to_real(copy.deepcopy(model), kernel="onednn_u8s8")
+    before = infer.model_bytes(real)
+    real(infer.fixed_input(tok, 4))
+    linears = [m for n, m in real.named_modules() if n.startswith("model.layers") and hasattr(m, "in_features")]
+    packed = sum(m.in_features * m.out_features for m in linears)        # one int8 byte a weight
+    row_sums = sum(2 * 4 * m.out_features for m in linears)               # two float32 vectors a layer
+    assert infer.model_bytes(real) - before == packed + row_sums
+
+
+def test_prefill_side_by_side_times_every_model():
+    model, tok = tiny_model("llama")
+    ids = infer.fixed_input(tok, 8)
+    calls = {"a": 0, "b": 0}
+
+    class Counting(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls[self.name] += 1
+            return model(x)
+    rates = infer.prefill_side_by_side([Counting("a"), Counting("b")], ids, iters=6, warmup=2, rounds=3)
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    assert calls == {"a": 8, "b": 8}                                   # 2 warm-ups + 3 rounds x 2

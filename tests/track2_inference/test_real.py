@@ -159,3 +159,19 @@ def test_real_models_need_a_quantized_cell_and_a_saved_folder(tmp_path):
     quantize(model, "rtn", make_config("rtn", "w8a8"))
     with pytest.raises(SlmquantError, match="embeddings 'int4'"):
         to_real(model, embeddings="int4")
+
+
+def test_int8_head_paths_agree():
+    """The weight-only int8 kernel and the dequantize-once path compute the same LM head."""
+    from slmquant.real import Int8TiedHead
+    model, _ = tiny_model("llama")
+    quantize(model, "rtn", make_config("rtn", "w8a8"))
+    real = to_real(model, embeddings="int8")
+    head = real.lm_head
+    h = torch.randn(2, 7, model.config.hidden_size)
+    with torch.no_grad():
+        outs = {p: Int8TiedHead(head.emb[0], p)(h) for p in Int8TiedHead.PATHS}
+    assert torch.allclose(outs["int8pack"], outs["dequant"], rtol=1e-4, atol=1e-4)
+    assert kernel_paths(real)[f"lm_head_{head.path}"] == 1
+    with pytest.raises(SlmquantError, match="LM head path"):
+        Int8TiedHead(head.emb[0], "fp8")
