@@ -140,7 +140,7 @@ def cmd_eval(args) -> dict:
         raise SlmquantError(f"unknown task(s) {', '.join(unknown)}: available: wikitext2, {', '.join(TASKS)}")
     if (args.method is None) != (args.bits is None) and args.method != "none":
         raise SlmquantError("give both METHOD and BITS (e.g. rtn w4a8), or neither for the float model")
-    if args.real and args.method in (None, "none"):
+    if getattr(args, "real", None) and args.method in (None, "none"):
         raise SlmquantError("--real needs a quantized cell (METHOD BITS): the float model has no integer form")
     limit = _limit(args.limit)
     if args.data_dir:
@@ -156,7 +156,7 @@ def cmd_eval(args) -> dict:
         model_key = record["key"]
         result.update(method=args.method, bits=record["bits"], cell=record["cell"],
                       settings=record["settings"], quantization=record)
-        if args.real:
+        if getattr(args, "real", None):
             from . import real
             model = real.to_real(model, embeddings=args.real)
             kernels = real.kernel_paths(model)
