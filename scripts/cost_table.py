@@ -46,15 +46,13 @@ def main() -> int:
                 row.update(wall_s=c["wall_s"], peak_mib=c["peak_mem_bytes"] / 2**20, counter=c["mem_counter"],
                            device=c["device"], calib=rec["calib_budget"])
             rows.append(row)
-    for model_name in args.models.split(","):
-        for bits in sorted({r["bits"] for r in rows}):
-            group = {r["method"]: (r["wall_s"], r["peak_mib"]) for r in rows
-                     if r["model"] == model_name and r["bits"] == bits and r["default"] and "wall_s" in r
-                     and r["method"] != "rtn"}
-            if group:
-                for method, score in slmq_quant(group).items():
-                    next(r for r in rows if r["model"] == model_name and r["bits"] == bits
-                         and r["method"] == method and r["default"])["slmq_quant"] = score
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in rows:
+        if r["default"] and "wall_s" in r and r["method"] != "rtn":
+            groups.setdefault((r["model"], r["bits"]), {})[r["method"]] = r
+    for group in groups.values():
+        for method, score in slmq_quant({m: (r["wall_s"], r["peak_mib"]) for m, r in group.items()}).items():
+            group[method]["slmq_quant"] = score
     print("| cell | calibration | wall time (s) | peak memory (MiB) | slmq_quant |")
     print("|---|---|---|---|---|")
     for r in rows:

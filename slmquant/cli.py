@@ -159,9 +159,9 @@ def cmd_eval(args) -> dict:
         if getattr(args, "real", None):
             from . import real
             model = real.to_real(model, embeddings=args.real)
-            kernels = real.kernel_paths(model)
-            model_key += f":real:{args.real}:" + ",".join(f"{k}={v}" for k, v in sorted(kernels.items()))
-            result.update(real={"embeddings": args.real, "kernels": kernels}, cell=record["cell"] + f" (real, {args.real} embeddings)")
+            model_key = real.measure_key(model_key, model)
+            result.update(real={"embeddings": args.real, "kernels": real.kernel_paths(model)},
+                          cell=record["cell"] + f" (real, {args.real} embeddings)")
     t0 = time.perf_counter()
     name = result.get("cell", args.model + " float")
     if "wikitext2" in tasks:

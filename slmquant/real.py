@@ -403,6 +403,13 @@ def kernel_paths(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def measure_key(cell_key: str, model: nn.Module) -> str:
+    """The measurement-cache key of a cell scored as this real model: the cell's key plus how its
+    embeddings are stored and which kernels ran (a different path is a different measurement)."""
+    paths = ",".join(f"{k}={v}" for k, v in sorted(kernel_paths(model).items()))
+    return f"{cell_key}:real:{model.slmquant_real['embeddings']}:{paths}"
+
+
 FILE = "model.safetensors"
 
 

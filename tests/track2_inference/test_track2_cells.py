@@ -156,7 +156,7 @@ def test_real_quick_profile_perplexity(float_models, quantized):
     quick profile (first 40 windows of 2048). Through the measurement cache that
     `slmquant eval smollm2-135m rtn w8a8 [--real]` shares (about 25 min for the real model here)."""
     from slmquant.measure import MeasureCache
-    from slmquant.real import kernel_paths
+    from slmquant.real import measure_key
     from tests.matrix import make_cell
     cell = make_cell("smollm2-135m", "rtn", "w8a8", {}, QUICK)
     fmodel, tok = float_models(cell.model)
@@ -165,6 +165,5 @@ def test_real_quick_profile_perplexity(float_models, quantized):
     kw = dict(seqlen=QUICK.seqlen, limit=QUICK.windows, progress=False)
     fake = store.wikitext2(key, lambda: quantized(cell)[0], tokens, **kw)
     real = to_real(copy.deepcopy(quantized(cell)[0]))
-    rkey = key + ":real:float16:" + ",".join(f"{k}={v}" for k, v in sorted(kernel_paths(real).items()))
-    got = store.wikitext2(rkey, lambda: real, tokens, **kw)
+    got = store.wikitext2(measure_key(key, real), lambda: real, tokens, **kw)
     assert abs(got["ppl"] / fake["ppl"] - 1) <= REAL_PPL_RTOL, (got["ppl"], fake["ppl"])
