@@ -34,10 +34,22 @@ KERNELS = ("onednn_u8s8", "onednn_u7x2", "int_mm", "dequant")
 GRID_RTOL = 1e-3           # |W / s - round(W / s)| allowed when recovering a grid (float32 products)
 
 
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def _has_vnni() -> bool:
-    """CPUs whose int8 dot products accumulate in int32 (VNNI, AMX): oneDNN's u8 x s8 is exact."""
+    """CPUs whose int8 dot products accumulate in int32 (VNNI, AMX): oneDNN's u8 x s8 is exact.
+    torch's capability string says "AVX512" on a VNNI CPU too, so the kernel's flags decide first."""
     cap = torch.backends.cpu.get_cpu_capability().upper()
-    return "VNNI" in cap or "AMX" in cap
+    return bool(_cpu_flags() & VNNI_FLAGS) or "VNNI" in cap or "AMX" in cap
 
 
 def _groups(W: torch.Tensor, spec: QSpec) -> torch.Tensor:

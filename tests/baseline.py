@@ -1,10 +1,18 @@
 """Snapshot baselines with tolerances: syrupy compares exactly by default, so this extension rounds
 floats when it writes and compares each numeric leaf with a per-metric tolerance kept here, in
-code, not in the snapshot files. Files: baselines/<device>/<track>/<test>/<cell id>.json."""
+code, not in the snapshot files. Files: baselines/<device>/<track>/<test>/<cell id>.json.
+
+On a CPU, <device> is "cpu" (recorded on an AVX2 machine) unless a cell has a recording for the
+running instruction set, baselines/cpu-<isa>/... (e.g. cpu-avx512): GPTQ's rounding decisions are
+chaotic, so a different float summation order (AVX2 vs AVX-512 kernels) moves a GPTQ cell's
+perplexity by a few percent, more than a tolerance that still catches a regression. Only cells that
+differ get a per-ISA file; `SLMQUANT_BASELINE_DEVICE=cpu-avx512 pytest -k CELL --snapshot-update`
+records one there."""
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -39,6 +47,18 @@ def device_class() -> str:
     return "cpu"
 
 
+def isa_class() -> str | None:
+    """The per-instruction-set baseline folder of this CPU (None on a GPU)."""
+    if torch.cuda.is_available():
+        return None
+    return "cpu-" + torch.backends.cpu.get_cpu_capability().lower()
+
+
+def _cell_name(test_location) -> str:
+    name = test_location.nodename or test_location.methodname
+    return name[name.index("[") + 1:-1] if "[" in name else "default"
+
+
 def _round(x):
     if isinstance(x, float):
         return float(f"{x:.{SIG_DIGITS}g}") if math.isfinite(x) else x
@@ -70,12 +90,18 @@ class BaselineExtension(JSONSnapshotExtension):
     @classmethod
     def dirname(cls, *, test_location) -> str:
         track = next((p.split("_")[0] for p in Path(test_location.filepath).parts if p.startswith("track")), "core")
-        return str(ROOT / "baselines" / device_class() / track / test_location.methodname)
+        rel = Path(track) / test_location.methodname
+        forced = os.environ.get("SLMQUANT_BASELINE_DEVICE")
+        if forced:
+            return str(ROOT / "baselines" / forced / rel)
+        isa = isa_class()
+        if isa and (ROOT / "baselines" / isa / rel / f"{_cell_name(test_location)}.json").exists():
+            return str(ROOT / "baselines" / isa / rel)
+        return str(ROOT / "baselines" / device_class() / rel)
 
     @classmethod
     def get_snapshot_name(cls, *, test_location, index=0) -> str:
-        name = test_location.nodename or test_location.methodname
-        cell = name[name.index("[") + 1:-1] if "[" in name else "default"
+        cell = _cell_name(test_location)
         return cell if not index else f"{cell}.{index}"
 
     @classmethod

@@ -55,3 +55,24 @@ def test_quick_gates_combine_rtn_ceiling_and_method_target():
     sq8 = Cell("smollm2-135m", "smoothquant", make_config("smoothquant", "w8a8"))
     assert gates.quick_gates(sq8)["max_ppl_ratio"] == 1.015
     assert gates.quick_gates(Cell("qwen9", "rtn", make_config("rtn", "w8a8"))) == {}
+
+
+def test_per_isa_baseline_wins_only_where_it_exists(tmp_path, monkeypatch):
+    """A cell with a recording for this CPU's instruction set reads it; every other cell falls back to
+    baselines/cpu; SLMQUANT_BASELINE_DEVICE forces the folder (where --snapshot-update writes)."""
+    from types import SimpleNamespace
+
+    import tests.baseline as bl
+    monkeypatch.setattr(bl, "ROOT", tmp_path)
+    monkeypatch.setattr(bl, "isa_class", lambda: "cpu-testisa")
+    monkeypatch.setattr(bl, "device_class", lambda: "cpu")
+    monkeypatch.delenv("SLMQUANT_BASELINE_DEVICE", raising=False)
+    loc = lambda cell: SimpleNamespace(filepath=str(tmp_path / "tests/track1_accuracy/test_x.py"),
+                                       methodname="test_gate", nodename=f"test_gate[{cell}]")
+    own = tmp_path / "baselines/cpu-testisa/track1/test_gate"
+    own.mkdir(parents=True)
+    (own / "a.json").write_text("{}")
+    assert BaselineExtension.dirname(test_location=loc("a")) == str(own)
+    assert BaselineExtension.dirname(test_location=loc("b")) == str(tmp_path / "baselines/cpu/track1/test_gate")
+    monkeypatch.setenv("SLMQUANT_BASELINE_DEVICE", "cpu-other")
+    assert BaselineExtension.dirname(test_location=loc("a")) == str(tmp_path / "baselines/cpu-other/track1/test_gate")

@@ -14,7 +14,7 @@ from slmquant.errors import SlmquantError
 from slmquant.methods import make_config, quantize
 from slmquant.models import SUPPORTED_ARCHS, tiny_model
 from slmquant.quant import QLinear, QSpec, fake_quant
-from slmquant.real import (RealLinear, grid_of, kernel_paths, load_real, pack4, save_real, storage, to_real,
+from slmquant.real import (RealLinear, _has_vnni, grid_of, kernel_paths, load_real, pack4, save_real, storage, to_real,
                            unpack4)
 
 
@@ -77,6 +77,8 @@ def test_real_linear_computes_what_the_fake_quantized_layer_computes(w_spec, a_s
     kernels = ["dequant"] if a_spec is None else ["int_mm", "dequant"] + (["onednn_u7x2"] if a_spec.sym else [])
     if a_spec is not None and a_spec.sym and w_spec.bits == 4:
         kernels.append("onednn_u8s8")          # exact on any x86 with 4-bit weights
+    elif a_spec is not None and a_spec.sym and _has_vnni():
+        kernels.append("onednn_u8s8")          # and with 8-bit weights where int8 products sum in int32
     for kernel in kernels:
         out = RealLinear.from_qlinear(q, kernel)(x)
         assert out.shape == ref.shape
