@@ -47,7 +47,7 @@ def _cpu_flags() -> set[str]:
 
 def _has_vnni() -> bool:
     """CPUs whose int8 dot products accumulate in int32 (VNNI, AMX): oneDNN's u8 x s8 is exact.
-    torch's capability string says "AVX512" on a VNNI CPU too, so the kernel's flags decide first."""
+    torch's capability string says only "AVX512" on a VNNI CPU, so /proc/cpuinfo's flags decide first."""
     cap = torch.backends.cpu.get_cpu_capability().upper()
     return bool(_cpu_flags() & VNNI_FLAGS) or "VNNI" in cap or "AMX" in cap
 
