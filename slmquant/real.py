@@ -22,6 +22,8 @@ asymmetric weight zero points with row sums.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,12 +39,15 @@ GRID_RTOL = 1e-3           # |W / s - round(W / s)| allowed when recovering a gr
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, read once: every RealLinear built asks for its default kernel."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            return next((frozenset(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")),
+                        frozenset())
     except OSError:
-        return set()
+        return frozenset()
 
 
 def _has_vnni() -> bool:

@@ -6,9 +6,8 @@ On a CPU, <device> is "cpu" (recorded on an AVX2 machine) unless a cell has a re
 running instruction set, baselines/cpu-<isa>/... (e.g. cpu-avx512): GPTQ's rounding decisions are
 chaotic, so a different float summation order (AVX2 vs AVX-512 kernels) moves a GPTQ cell's
 perplexity by up to 6% (and a 4-bit SmoothQuant cell's by 1.4%), more than a tolerance that still
-catches a regression. Only cells that
-differ get a per-ISA file; `SLMQUANT_BASELINE_DEVICE=cpu-avx512 pytest -k CELL --snapshot-update`
-records one there."""
+catches a regression. Only cells that differ get a per-ISA file;
+`SLMQUANT_BASELINE_DEVICE=cpu-avx512 pytest -k CELL --snapshot-update` records one there."""
 from __future__ import annotations
 
 import json
@@ -91,14 +90,13 @@ class BaselineExtension(JSONSnapshotExtension):
     @classmethod
     def dirname(cls, *, test_location) -> str:
         track = next((p.split("_")[0] for p in Path(test_location.filepath).parts if p.startswith("track")), "core")
-        rel = Path(track) / test_location.methodname
-        forced = os.environ.get("SLMQUANT_BASELINE_DEVICE")
-        if forced:
-            return str(ROOT / "baselines" / forced / rel)
-        isa = isa_class()
-        if isa and (ROOT / "baselines" / isa / rel / f"{_cell_name(test_location)}.json").exists():
-            return str(ROOT / "baselines" / isa / rel)
-        return str(ROOT / "baselines" / device_class() / rel)
+        base, rel = ROOT / "baselines", Path(track) / test_location.methodname
+        device = os.environ.get("SLMQUANT_BASELINE_DEVICE")
+        if not device:
+            isa = isa_class()
+            own = isa and (base / isa / rel / f"{_cell_name(test_location)}.json").exists()
+            device = isa if own else device_class()
+        return str(base / device / rel)
 
     @classmethod
     def get_snapshot_name(cls, *, test_location, index=0) -> str:
