@@ -67,6 +67,7 @@ QUICK_RTN: dict[tuple[str, str, str], float] = {
     ("qwen2.5-0.5b", "w4a8", "asym"): 1.6074,    # 49.495 / 30.792
     ("qwen2.5-0.5b", "w4a16", "sym"): 1.6301,    # 50.194 / 30.792
     ("qwen2.5-0.5b", "w4a16", "asym"): 1.5700,   # 48.343 / 30.792
+    ("qwen2.5-0.5b", "w4a16", "sym-g64"): 1.1264,  # 34.684 / 30.793 (AVX-512)
 }
 QUICK_GATES: dict[tuple[str, str, str], dict] = {
     k: {"max_ppl_ratio": round(r + 0.015 if k[1].startswith("w8") else r * 1.06, 4)} for k, r in QUICK_RTN.items()}
