@@ -8,6 +8,7 @@ import pytest
 
 from slmquant.cells import SHORT_NAMES, Cell
 from slmquant.methods import CalibConfig, all_methods, make_config
+from slmquant.profiles import profile_settings
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class Tier:
     models: tuple[str, ...]
     seqlen: int               # WikiText-2 scoring windows: the first `windows` windows of `seqlen`
     windows: int
-    calib: tuple[tuple[str, int], ...]   # calibration budget for methods that calibrate
+    calib: tuple[tuple[str, int], ...] | None   # calibration budget; None: the quick profile's, per method
     logits: bool              # also gate the logit error (SQNR, KL) against float
     marks: tuple = ()
     exclude: tuple = ()       # (method, bits, settings) suite rows this tier leaves to the slow tier
@@ -28,19 +29,21 @@ class Tier:
 DEFAULT = Tier("default", ("smollm2-135m",), 256, 4, (("calib_samples", 16), ("calib_seqlen", 512)), True,
                exclude=(("gptq", "w4a8", {"sym": False}), ("gptq", "w4a16", {"sym": False}),
                         ("smoothquant", "w4a8", {"alpha_search": True})))
-# Slow tier: both bundled models on the quick profile's fixed subset (first 40 windows of 2048).
 # Track 1 tasks on tiny random models (default tier): every suite row quantizes a 2-layer llama in
 # about a second; the group-64 rows do not divide its 160-wide MLP and run on the real models only.
 TINY = Tier("tiny", ("tiny:llama",), 128, 2, (("calib_samples", 4), ("calib_seqlen", 128)), False,
             exclude=(("gptq", "w4a16", {"group_size": 64}), ("rtn", "w4a16", {"group_size": 64})))
-QUICK = Tier("quick", ("smollm2-135m", "qwen2.5-0.5b"), 2048, 40,
-             (("calib_samples", 32), ("calib_seqlen", 2048)), False, (pytest.mark.slow,))
+# Slow tier: both bundled models on the quick profile's fixed subset (first 40 windows of 2048),
+# calibrated on the quick profile's budget (slmquant.profiles: GPTQ 128 x 512, the others 32 x 2048).
+QUICK = Tier("quick", ("smollm2-135m", "qwen2.5-0.5b"), 2048, 40, None, False, (pytest.mark.slow,))
 
 
 def make_cell(model: str, method: str, bits: str, settings: dict, tier: Tier) -> Cell:
     cls = all_methods()[method].config
     over = dict(settings)
-    if issubclass(cls, CalibConfig):
+    if tier.calib is None:
+        over = {**profile_settings(method, "quick"), **over}
+    elif issubclass(cls, CalibConfig):
         names = {f.name for f in fields(cls)}
         over = {**{k: v for k, v in tier.calib if k in names}, **over}
     return Cell(model, method, make_config(method, bits, over))

@@ -84,6 +84,7 @@ def test_run_writes_resumable_results(monkeypatch, tmp_path, capsys):
     from slmquant import evaluate, profiles
     monkeypatch.setattr(evaluate, "QUICK_WINDOWS", 1)
     monkeypatch.setattr(profiles, "QUICK", {"calib_samples": 2, "calib_seqlen": 256})   # a cheap calibration
+    monkeypatch.setattr(profiles, "QUICK_BY_METHOD", {})
     assert main(["run", "--out", str(tmp_path), "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cells = [r["cell"] for r in res["rows"]]
@@ -110,3 +111,19 @@ def test_cache_command_reports_and_prunes(monkeypatch, tmp_path, capsys):
     assert main(["cache", "--max-gb", "0", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["removed"] == 1 and res["entries"] == 0
+
+
+def test_quick_profile_budgets():
+    """The quick profile's calibration: 65,536 tokens for every calibrating method, GPTQ cut into its
+    paper's 128 windows (of 512 tokens), the others into 32 of 2048; the paper profile sets nothing
+    (each method's own defaults) and RTN calibrates nothing."""
+    from slmquant.errors import SlmquantError
+    from slmquant.methods import make_config
+    from slmquant.profiles import profile_settings
+    assert profile_settings("gptq", "quick") == {"calib_samples": 128, "calib_seqlen": 512}
+    assert profile_settings("smoothquant", "quick") == {"calib_samples": 32, "calib_seqlen": 2048}
+    assert profile_settings("rtn", "quick") == {} == profile_settings("gptq", "paper")
+    paper = make_config("gptq", "w4a16")
+    assert (paper.calib_samples, paper.calib_seqlen) == (128, 2048)
+    with pytest.raises(SlmquantError, match="choose quick or paper"):
+        profile_settings("gptq", "fast")
