@@ -43,9 +43,9 @@ KNOWN_FAILURES: dict[str, str] = {
 }
 
 # Quick-profile tier (first 40 windows of 2048; calibration 32 x 2048, GPTQ 128 x 512): RTN's
-# ppl_ratio measured with `scripts/quick_table.py`, keyed by (model, scheme, weight setting). Ceilings: +1.5 points at
-# W8, +6% at W4, as in the default tier. Models or settings not measured yet have no entry: their
-# cells fail with "no gate defined" until measured, rather than pass ungated.
+# ppl_ratio measured with `scripts/quick_table.py`, keyed by (model, scheme, weight setting).
+# Ceilings: +1.5 points at W8, +6% at W4, as in the default tier. Models or settings not measured
+# yet have no entry: their cells fail with "no gate defined" until measured, rather than pass ungated.
 QUICK_RTN: dict[tuple[str, str, str], float] = {
     ("smollm2-135m", "w8a8", "sym"): 1.0335,     # 21.067 / 20.384
     ("smollm2-135m", "w4a8", "sym"): 2.2641,     # 46.152 / 20.384
