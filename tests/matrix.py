@@ -21,6 +21,7 @@ class Tier:
     logits: bool              # also gate the logit error (SQNR, KL) against float
     marks: tuple = ()
     exclude: tuple = ()       # (method, bits, settings) suite rows this tier leaves to the slow tier
+    groups: bool = True       # False: leave out every suite row with a group_size
 
 
 # Default tier: the whole bundled SmolLM2 scored on 4 x 256 tokens (~2 s a cell), small calibration.
@@ -32,7 +33,7 @@ DEFAULT = Tier("default", ("smollm2-135m",), 256, 4, (("calib_samples", 16), ("c
 # Track 1 tasks on tiny random models (default tier): every suite row quantizes a 2-layer llama in
 # about a second; the group-64 rows do not divide its 160-wide MLP and run on the real models only.
 TINY = Tier("tiny", ("tiny:llama",), 128, 2, (("calib_samples", 4), ("calib_seqlen", 128)), False,
-            exclude=(("gptq", "w4a16", {"group_size": 64}), ("rtn", "w4a16", {"group_size": 64})))
+            groups=False)
 # Slow tier: both bundled models on the quick profile's fixed subset (first 40 windows of 2048),
 # calibrated on the quick profile's budget (slmquant.profiles: GPTQ 128 x 512, the others 32 x 2048).
 QUICK = Tier("quick", ("smollm2-135m", "qwen2.5-0.5b"), 2048, 40, None, False, (pytest.mark.slow,))
@@ -54,7 +55,7 @@ def cases(tier: Tier) -> list:
     for model in tier.models:
         for name, method in all_methods().items():
             for bits, settings in method.suite:
-                if (name, bits, settings) in tier.exclude:
+                if (name, bits, settings) in tier.exclude or (not tier.groups and "group_size" in settings):
                     continue
                 cell = make_cell(model, name, bits, settings, tier)
                 marks = [getattr(pytest.mark, bits), getattr(pytest.mark, name),
