@@ -8,7 +8,9 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +25,12 @@ from .arch import set_submodule
 from .methods import CalibConfig, QuantConfig, get_method
 from .models import _sha256, cache_dir
 from .quant import QLinear
+
+# Free disk space a cell write must leave behind (GiB): below it, the least recently used entries are
+# evicted first, and if that is not enough the cell is returned uncached, with a warning, rather than
+# filling the disk that the rest of the run (and everything else on the machine) needs.
+RESERVE_ENV = "SLMQUANT_CACHE_RESERVE_GB"
+RESERVE_GB = 4.0
 
 SHORT_NAMES = {"smollm2-135m": "smollm2", "qwen2.5-0.5b": "qwen2"}
 MODULE_TYPES = {"QLinear": QLinear}        # modules a method may install, rebuilt from their meta()
@@ -87,7 +95,13 @@ class CellCache:
                 os.utime(self.paths(key)[1])          # last use, for prune()
                 return (*loaded, False)
             model, record = build(cell, float_model, tok)
-            self._save(key, model, record)
+            if self.make_room(_state_bytes(model), keep=key):
+                self._save(key, model, record)
+            else:
+                warnings.warn(f"cell {cell.id} is not cached: {self.root} has "
+                              f"{shutil.disk_usage(self.root).free / 2**30:.1f} GiB free, under the "
+                              f"{_reserve_bytes() / 2**30:.1f} GiB reserve ({RESERVE_ENV}) even with every "
+                              "other entry evicted", stacklevel=2)
             with open(self.root / "builds.log", "a") as f:
                 f.write(f"{time.time():.3f} {os.getpid()} {cell.id} {key}\n")
             return model, record, True
@@ -112,11 +126,30 @@ class CellCache:
         for e in self.entries():
             total += e["bytes"]
             if total > max_bytes:
-                with FileLock(str(self.root / f"{e['key']}.lock")):
-                    for p in self.paths(e["key"]):
-                        p.unlink(missing_ok=True)
+                self._remove(e["key"])
                 removed.append(e)
         return removed
+
+    def make_room(self, nbytes: int, keep: str | None = None) -> bool:
+        """Evict least recently used entries (never `keep`) until writing nbytes leaves the reserve
+        free on the cache's disk; False if even an empty cache would not leave it."""
+        def enough(extra: int = 0) -> bool:
+            return shutil.disk_usage(self.root).free + extra - nbytes >= _reserve_bytes()
+        entries = [e for e in self.entries() if e["key"] != keep]
+        if not enough(sum(e["bytes"] for e in entries)):
+            return False                              # evicting would lose entries and still not do
+        for e in reversed(entries):
+            if enough():
+                return True
+            self._remove(e["key"])
+            warnings.warn(f"cell cache: evicted {e['cell']} ({e['bytes'] / 2**20:.0f} MiB) to keep "
+                          f"{_reserve_bytes() / 2**30:.1f} GiB of disk free", stacklevel=3)
+        return enough()
+
+    def _remove(self, key: str) -> None:
+        with FileLock(str(self.root / f"{key}.lock")):
+            for p in self.paths(key):
+                p.unlink(missing_ok=True)
 
     def record(self, cell: Cell, source_key: str) -> dict | None:
         """The stored record of a cell (its cost), without loading the model; None if absent."""
@@ -154,3 +187,11 @@ class CellCache:
             meta.unlink(missing_ok=True)
             return None
         return model, entry["record"]
+
+
+def _reserve_bytes() -> int:
+    return int(float(os.environ.get(RESERVE_ENV, RESERVE_GB)) * 2**30)
+
+
+def _state_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

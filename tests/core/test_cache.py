@@ -89,3 +89,27 @@ def test_prune_removes_least_recently_used(tmp_path):
     assert [e["cell"] for e in removed] == ["tiny-llama-rtn-w4a8"]
     assert {e["cell"] for e in cache.entries()} == {"tiny-llama-rtn-w8a8", "tiny-llama-rtn-w4a16"}
     assert not cache.get(_cell("w8a8"), model, tok)[2] and cache.get(_cell("w4a8"), model, tok)[2]
+
+
+def test_low_disk_evicts_least_recently_used_then_skips_caching(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    model, tok = tiny_model("llama")
+    cache = CellCache(tmp_path)
+    cache.get(_cell("w8a8"), model, tok)
+    cache.get(_cell("w4a8"), model, tok)
+    from slmquant.cells import _state_bytes
+    one, need = max(e["bytes"] for e in cache.entries()), _state_bytes(model)
+    reserve = 2**30
+    capacity = reserve + need + int(1.5 * one)           # the reserve, the new cell, 1.5 old entries
+    monkeypatch.setenv("SLMQUANT_CACHE_RESERVE_GB", "1")
+    monkeypatch.setattr("slmquant.cells.shutil.disk_usage",
+                        lambda p: SimpleNamespace(free=capacity - sum(e["bytes"] for e in cache.entries())))
+    with pytest.warns(UserWarning, match="evicted tiny-llama-rtn-w8a8"):
+        assert cache.get(_cell("w4a16"), model, tok)[2]
+    assert {e["cell"] for e in cache.entries()} == {"tiny-llama-rtn-w4a8", "tiny-llama-rtn-w4a16"}
+
+    capacity = reserve // 2                              # under the reserve even with an empty cache
+    with pytest.warns(UserWarning, match="is not cached"):
+        q, rec, built = cache.get(_cell("w8a8"), model, tok)
+    assert built and rec["cell"] == "tiny-llama-rtn-w8a8"
+    assert {e["cell"] for e in cache.entries()} == {"tiny-llama-rtn-w4a8", "tiny-llama-rtn-w4a16"}
