@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..arch import arch_map, decoder_layers, heads
 from ..calib import act_absmax, input_hooks, run_layer, walk_layers
@@ -82,7 +83,7 @@ def smooth_vo_(v: nn.Linear, o: nn.Linear, s_kv: torch.Tensor, group: int, head_
 
 
 @torch.no_grad()
-def collect_act_max(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+def collect_act_max(model: nn.Module, windows: torch.Tensor, progress: bool = True) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| of the first linear of each balance group (q and gate share their
     norm's output with k, v and up) and of o_proj, over every calibration token."""
     amap, stats = arch_map(model), {}
@@ -92,7 +93,7 @@ def collect_act_max(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.
             targets[f"{i}.{b.linears[0]}"] = layer.get_submodule(b.linears[0])
     device = next(model.parameters()).device
     with input_hooks(targets, lambda n, x: act_absmax(stats, n, x)):
-        for w in windows:
+        for w in tqdm(windows, desc="smoothquant: activation maxima", unit="window", disable=not progress):
             model(w[None].to(device), use_cache=False)
     return stats
 
@@ -133,13 +134,15 @@ def _rtn_layer_(layer: nn.Module, names, cfg) -> nn.Module:
 
 @torch.no_grad()
 def search_alpha_(model: nn.Module, calib: torch.Tensor, act_max: dict[str, torch.Tensor],
-                  cfg: SmoothQuantConfig, grid=ALPHA_GRID) -> dict[int, dict[float, float]]:
+                  cfg: SmoothQuantConfig, grid=ALPHA_GRID, progress: bool = True) -> dict[int, dict[float, float]]:
     """Per decoder layer, in order: smooth a copy with each alpha of the grid, quantize it (RTN, the
     cell's bits), and keep the alpha whose output is closest (squared error) to the float layer's on
     the same inputs; then smooth the layer with it. Inputs come from the earlier layers smoothed
     (and, with RTN weights, quantized) already. Returns {layer: {alpha: error}}."""
     amap, hq, errors = arch_map(model), heads(model), {}
     windows = calib[:cfg.search_samples]
+    bar = tqdm(total=len(decoder_layers(model)), desc="smoothquant: alpha search", unit="layer",
+               disable=not progress)
 
     def fn(i, layer, x, kw):
         ref = run_layer(layer, x, kw)
@@ -153,8 +156,10 @@ def search_alpha_(model: nn.Module, calib: torch.Tensor, act_max: dict[str, torc
         smooth_layer_(layer, i, act_max, min(errs, key=errs.get), amap, hq, cfg.smooth_vo)
         if cfg.weights == "rtn":
             _rtn_layer_(layer, amap.linears, cfg)
+        bar.update(1)
 
     walk_layers(model, windows, fn)
+    bar.close()
     return errors
 
 
