@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from . import cost, data
 from .arch import set_submodule
+from .errors import SlmquantError
 from .methods import CalibConfig, QuantConfig, get_method
 from .models import _sha256, cache_dir
 from .quant import QLinear
@@ -141,15 +142,20 @@ class CellCache:
         for e in reversed(entries):
             if enough():
                 return True
-            self._remove(e["key"])
+            if not self._remove(e["key"], wait=False):
+                continue                              # in use by another worker (which may wait on us)
             warnings.warn(f"cell cache: evicted {e['cell']} ({e['bytes'] / 2**20:.0f} MiB) to keep "
                           f"{_reserve_bytes() / 2**30:.1f} GiB of disk free", stacklevel=3)
         return enough()
 
-    def _remove(self, key: str) -> None:
-        with FileLock(str(self.root / f"{key}.lock")):
-            for p in self.paths(key):
-                p.unlink(missing_ok=True)
+    def _remove(self, key: str, wait: bool = True) -> bool:
+        try:
+            with FileLock(str(self.root / f"{key}.lock"), timeout=-1 if wait else 0):
+                for p in self.paths(key):
+                    p.unlink(missing_ok=True)
+        except Timeout:
+            return False
+        return True
 
     def record(self, cell: Cell, source_key: str) -> dict | None:
         """The stored record of a cell (its cost), without loading the model; None if absent."""
@@ -190,7 +196,11 @@ class CellCache:
 
 
 def _reserve_bytes() -> int:
-    return int(float(os.environ.get(RESERVE_ENV, RESERVE_GB)) * 2**30)
+    raw = os.environ.get(RESERVE_ENV, RESERVE_GB)
+    try:
+        return int(float(raw) * 2**30)
+    except ValueError:
+        raise SlmquantError(f"{RESERVE_ENV}={raw!r}: expected a number of GiB") from None
 
 
 def _state_bytes(model: nn.Module) -> int:

@@ -113,3 +113,31 @@ def test_low_disk_evicts_least_recently_used_then_skips_caching(tmp_path, monkey
         q, rec, built = cache.get(_cell("w8a8"), model, tok)
     assert built and rec["cell"] == "tiny-llama-rtn-w8a8"
     assert {e["cell"] for e in cache.entries()} == {"tiny-llama-rtn-w4a8", "tiny-llama-rtn-w4a16"}
+
+
+def test_low_disk_eviction_skips_entries_in_use(tmp_path, monkeypatch):
+    """A cell another worker holds (building or loading it) is not evicted: waiting on its lock while
+    holding our own could deadlock two workers that each make room."""
+    from types import SimpleNamespace
+
+    from filelock import FileLock
+    model, tok = tiny_model("llama")
+    cache = CellCache(tmp_path)
+    cache.get(_cell("w8a8"), model, tok)
+    cache.get(_cell("w4a8"), model, tok)
+    oldest = next(e for e in cache.entries() if e["cell"] == "tiny-llama-rtn-w8a8")
+    one = max(e["bytes"] for e in cache.entries())
+    monkeypatch.setenv("SLMQUANT_CACHE_RESERVE_GB", "0")
+    monkeypatch.setattr("slmquant.cells.shutil.disk_usage",
+                        lambda p: SimpleNamespace(free=int(2.5 * one) - sum(e["bytes"] for e in cache.entries())))
+    with FileLock(str(tmp_path / f"{oldest['key']}.lock")):
+        with pytest.warns(UserWarning, match="evicted tiny-llama-rtn-w4a8"):
+            assert cache.make_room(int(1.5 * one))
+    assert [e["cell"] for e in cache.entries()] == ["tiny-llama-rtn-w8a8"]
+
+
+def test_bad_reserve_setting_is_a_clear_error(tmp_path, monkeypatch):
+    model, tok = tiny_model("llama")
+    monkeypatch.setenv("SLMQUANT_CACHE_RESERVE_GB", "lots")
+    with pytest.raises(SlmquantError, match="SLMQUANT_CACHE_RESERVE_GB='lots'"):
+        CellCache(tmp_path).get(_cell(), model, tok)
