@@ -134,8 +134,10 @@ class CellCache:
     def make_room(self, nbytes: int, keep: str | None = None) -> bool:
         """Evict least recently used entries (never `keep`) until writing nbytes leaves the reserve
         free on the cache's disk; False if even an empty cache would not leave it."""
+        reserve = _reserve_bytes()
+
         def enough(extra: int = 0) -> bool:
-            return shutil.disk_usage(self.root).free + extra - nbytes >= _reserve_bytes()
+            return shutil.disk_usage(self.root).free + extra - nbytes >= reserve
         entries = [e for e in self.entries() if e["key"] != keep]
         if not enough(sum(e["bytes"] for e in entries)):
             return False                              # evicting would lose entries and still not do
@@ -145,7 +147,7 @@ class CellCache:
             if not self._remove(e["key"], wait=False):
                 continue                              # in use by another worker (which may wait on us)
             warnings.warn(f"cell cache: evicted {e['cell']} ({e['bytes'] / 2**20:.0f} MiB) to keep "
-                          f"{_reserve_bytes() / 2**30:.1f} GiB of disk free", stacklevel=3)
+                          f"{reserve / 2**30:.1f} GiB of disk free", stacklevel=3)
         return enough()
 
     def _remove(self, key: str, wait: bool = True) -> bool:

@@ -2,11 +2,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from filelock import FileLock
 
-from slmquant.cells import Cell, CellCache
+from slmquant.cells import Cell, CellCache, _state_bytes
 from slmquant.errors import SlmquantError
 from slmquant.methods import make_config
 from slmquant.models import tiny_model
@@ -91,19 +93,22 @@ def test_prune_removes_least_recently_used(tmp_path):
     assert not cache.get(_cell("w8a8"), model, tok)[2] and cache.get(_cell("w4a8"), model, tok)[2]
 
 
+def _fake_disk(monkeypatch, cache, capacity, reserve_gb):
+    """A disk of capacity() bytes that holds only the cache, and a reserve of reserve_gb GiB."""
+    monkeypatch.setenv("SLMQUANT_CACHE_RESERVE_GB", str(reserve_gb))
+    monkeypatch.setattr("slmquant.cells.shutil.disk_usage",
+                        lambda p: SimpleNamespace(free=capacity() - sum(e["bytes"] for e in cache.entries())))
+
+
 def test_low_disk_evicts_least_recently_used_then_skips_caching(tmp_path, monkeypatch):
-    from types import SimpleNamespace
     model, tok = tiny_model("llama")
     cache = CellCache(tmp_path)
     cache.get(_cell("w8a8"), model, tok)
     cache.get(_cell("w4a8"), model, tok)
-    from slmquant.cells import _state_bytes
     one, need = max(e["bytes"] for e in cache.entries()), _state_bytes(model)
     reserve = 2**30
     capacity = reserve + need + int(1.5 * one)           # the reserve, the new cell, 1.5 old entries
-    monkeypatch.setenv("SLMQUANT_CACHE_RESERVE_GB", "1")
-    monkeypatch.setattr("slmquant.cells.shutil.disk_usage",
-                        lambda p: SimpleNamespace(free=capacity - sum(e["bytes"] for e in cache.entries())))
+    _fake_disk(monkeypatch, cache, lambda: capacity, 1)
     with pytest.warns(UserWarning, match="evicted tiny-llama-rtn-w8a8"):
         assert cache.get(_cell("w4a16"), model, tok)[2]
     assert {e["cell"] for e in cache.entries()} == {"tiny-llama-rtn-w4a8", "tiny-llama-rtn-w4a16"}
@@ -118,18 +123,13 @@ def test_low_disk_evicts_least_recently_used_then_skips_caching(tmp_path, monkey
 def test_low_disk_eviction_skips_entries_in_use(tmp_path, monkeypatch):
     """A cell another worker holds (building or loading it) is not evicted: waiting on its lock while
     holding our own could deadlock two workers that each make room."""
-    from types import SimpleNamespace
-
-    from filelock import FileLock
     model, tok = tiny_model("llama")
     cache = CellCache(tmp_path)
     cache.get(_cell("w8a8"), model, tok)
     cache.get(_cell("w4a8"), model, tok)
     oldest = next(e for e in cache.entries() if e["cell"] == "tiny-llama-rtn-w8a8")
     one = max(e["bytes"] for e in cache.entries())
-    monkeypatch.setenv("SLMQUANT_CACHE_RESERVE_GB", "0")
-    monkeypatch.setattr("slmquant.cells.shutil.disk_usage",
-                        lambda p: SimpleNamespace(free=int(2.5 * one) - sum(e["bytes"] for e in cache.entries())))
+    _fake_disk(monkeypatch, cache, lambda: int(2.5 * one), 0)
     with FileLock(str(tmp_path / f"{oldest['key']}.lock")):
         with pytest.warns(UserWarning, match="evicted tiny-llama-rtn-w4a8"):
             assert cache.make_room(int(1.5 * one))
