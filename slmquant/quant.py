@@ -138,11 +138,17 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 class QLinear(nn.Module):
     """A linear layer with fake-quantized weights (quantized once, at construction) and input
     activations quantized on the fly (per token, dynamic) when a_spec is given.
-    x: (..., in_features) -> (..., out_features)."""
+    x: (..., in_features) -> (..., out_features).
+    g_idx (buffer, group weights only, optional): the group of each input channel, where groups are
+    not runs of consecutive channels (GPTQ with act_order, groups in rounding order)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QSpec | None,
-                 a_spec: QSpec | None, dtype=torch.float32, device=None):
+                 a_spec: QSpec | None, dtype=torch.float32, device=None, g_idx: bool = False):
         super().__init__()
+        if g_idx and (w_spec is None or w_spec.granularity != "group"):
+            raise SlmquantError(f"a group index needs a group-wise weight spec, got {w_spec}")
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device)
+                             if g_idx else None)
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
                                    requires_grad=False)
@@ -153,13 +159,17 @@ class QLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, w_spec: QSpec | None, a_spec: QSpec | None,
-                    weight: torch.Tensor | None = None) -> "QLinear":
+                    weight: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> "QLinear":
         """Quantize `weight` (default: linear.weight) with w_spec; `weight` may come already rounded
-        (GPTQ) and then w_spec only describes it."""
+        (GPTQ) and then w_spec only describes it, with `g_idx` its channels' groups if not consecutive."""
+        if g_idx is not None and weight is None:
+            raise SlmquantError("a group index describes weights rounded elsewhere: pass them as `weight`")
         W = linear.weight if weight is None else weight
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, w_spec, a_spec,
-                dtype=linear.weight.dtype, device=linear.weight.device)
+                dtype=linear.weight.dtype, device=linear.weight.device, g_idx=g_idx is not None)
         q.weight.copy_(fake_quant(W, w_spec) if weight is None else W)
+        if g_idx is not None:
+            q.g_idx.copy_(g_idx)
         if linear.bias is not None:
             q.bias.copy_(linear.bias)
         return q
@@ -173,13 +183,14 @@ class QLinear(nn.Module):
         return {"type": "QLinear", "in": self.in_features, "out": self.out_features,
                 "bias": self.bias is not None,
                 "w_spec": asdict(self.w_spec) if self.w_spec else None,
-                "a_spec": asdict(self.a_spec) if self.a_spec else None}
+                "a_spec": asdict(self.a_spec) if self.a_spec else None,
+                **({"g_idx": True} if self.g_idx is not None else {})}
 
     @classmethod
     def from_meta(cls, meta: dict, dtype=torch.float32, device=None) -> "QLinear":
         spec = lambda d: QSpec(**d) if d else None
         return cls(meta["in"], meta["out"], meta["bias"], spec(meta["w_spec"]), spec(meta["a_spec"]),
-                   dtype=dtype, device=device)
+                   dtype=dtype, device=device, g_idx=meta.get("g_idx", False))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "

@@ -128,10 +128,11 @@ def unpack4(p: torch.Tensor) -> torch.Tensor:
 class RealLinear(nn.Module):
     """Integer weights (codes, scale, zero) and dynamic activation quantization. Buffers:
     `qweight` (int8 (out, in) codes - 2^(bits-1) for 8-bit; uint8 (out, in/2) packed codes for 4-bit),
-    `scale` (float32 (out, n_groups)), `zero` (int16 (out, n_groups), in code units), `bias`."""
+    `scale` (float32 (out, n_groups)), `zero` (int16 (out, n_groups), in code units), `bias`, and
+    for groups that are not runs of consecutive channels `g_idx` (int32 (in,): each channel's group)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QSpec, a_spec: QSpec | None,
-                 kernel: str | None = None, device=None):
+                 kernel: str | None = None, device=None, g_idx: bool = False):
         super().__init__()
         if w_spec.bits not in (4, 8):
             raise SlmquantError(f"real models store 4- or 8-bit weights, got {w_spec.bits}")
@@ -143,9 +144,14 @@ class RealLinear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, groups, device=device))
         self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.int16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        if g_idx and w_spec.granularity != "group":
+            raise SlmquantError(f"a group index needs a group-wise weight spec, got {w_spec}")
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device) if g_idx else None)
         self.kernel = kernel or self.default_kernel(w_spec, a_spec, str(self.qweight.device))
         if self.kernel not in KERNELS:
             raise SlmquantError(f"kernel {self.kernel!r}: choose from {', '.join(KERNELS)}")
+        if self.kernel != "dequant" and groups > 1:
+            raise SlmquantError(f"kernel {self.kernel!r} takes one weight scale per row; {w_spec} needs 'dequant'")
         self._packed = None                       # oneDNN's prepacked int8 weight, built at first use
 
     @staticmethod
@@ -163,9 +169,19 @@ class RealLinear(nn.Module):
     def from_qlinear(cls, q: QLinear, kernel: str | None = None) -> "RealLinear":
         if q.w_spec is None:
             raise SlmquantError("a QLinear with float weights has nothing to store as integers")
-        u, scale, zero = grid_of(q.weight, q.w_spec)
+        g_idx = getattr(q, "g_idx", None)
+        if g_idx is None:
+            u, scale, zero = grid_of(q.weight, q.w_spec)
+        else:                                     # gather each group's channels, recover, put back
+            order = torch.argsort(g_idx, stable=True)
+            if not torch.equal(g_idx[order].long(), torch.arange(q.in_features, device=g_idx.device) // q.w_spec.group_size):
+                raise SlmquantError(f"g_idx does not give every group {q.w_spec.group_size} channels")
+            u, scale, zero = grid_of(q.weight[:, order], q.w_spec)
+            u = u[:, torch.argsort(order)]
         m = cls(q.in_features, q.out_features, q.bias is not None, q.w_spec, q.a_spec, kernel,
-                device=q.weight.device)
+                device=q.weight.device, g_idx=g_idx is not None)
+        if g_idx is not None:
+            m.g_idx.copy_(g_idx)
         half = 2 ** (q.w_spec.bits - 1)
         m.qweight.copy_((u.to(torch.int16) - half).to(torch.int8) if q.w_spec.bits == 8 else pack4(u))
         m.scale.copy_(scale)
@@ -183,6 +199,9 @@ class RealLinear(nn.Module):
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         half = 2 ** (self.w_spec.bits - 1)
         w = self.int8_weight().to(torch.float32)
+        if self.g_idx is not None:
+            g = self.g_idx.long()
+            return ((w - (self.zero[:, g].to(torch.float32) - half)) * self.scale[:, g]).to(dtype)
         g = w.reshape(self.out_features, self.scale.shape[1], -1)
         zero8 = (self.zero.to(torch.float32) - half).unsqueeze(-1)
         return ((g - zero8) * self.scale.unsqueeze(-1)).reshape(self.out_features, self.in_features).to(dtype)
@@ -264,12 +283,14 @@ class RealLinear(nn.Module):
         from dataclasses import asdict
         return {"type": "RealLinear", "in": self.in_features, "out": self.out_features,
                 "bias": self.bias is not None, "w_spec": asdict(self.w_spec),
-                "a_spec": asdict(self.a_spec) if self.a_spec else None, "kernel": self.kernel}
+                "a_spec": asdict(self.a_spec) if self.a_spec else None, "kernel": self.kernel,
+                **({"g_idx": True} if self.g_idx is not None else {})}
 
     @classmethod
     def from_meta(cls, meta: dict, device=None) -> "RealLinear":
         return cls(meta["in"], meta["out"], meta["bias"], QSpec(**meta["w_spec"]),
-                   QSpec(**meta["a_spec"]) if meta["a_spec"] else None, meta["kernel"], device=device)
+                   QSpec(**meta["a_spec"]) if meta["a_spec"] else None, meta["kernel"], device=device,
+                   g_idx=meta.get("g_idx", False))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, W={self.w_spec}, "

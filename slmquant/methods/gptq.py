@@ -7,9 +7,10 @@ Settings as the paper and its reference code: block 128, damping 0.01 of the mea
 inputs (zero diagonal) zeroed, optional activation order (columns by decreasing diagonal). Groups:
 a group's scale is taken when the algorithm reaches its first column, from the weights as updated so
 far (exactly: including the pending updates of the current block, where the reference code reads
-weights that lack them when a group starts inside a block); with act_order, groups are instead fixed up front on the original column order ("static
-groups"), so that every group still covers consecutive input channels and the model can be stored
-as an ordinary group-quantized one.
+weights that lack them when a group starts inside a block). With act_order, groups are either
+fixed up front on the original column order ("static groups": every group covers consecutive input
+channels, an ordinary group-quantized model), or consecutive in the rounding order (the reference
+code's default), each input channel's group then recorded as `g_idx` for storage.
 
 Also the weight step of other methods: `gptq_(model, calib, cfg, a_spec)` rounds every decoder
 linear and installs QLinears that quantize their inputs with `a_spec`."""
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -34,15 +36,20 @@ from . import CalibConfig, register
 class GPTQConfig(CalibConfig):
     """block_size: columns per lazy-update block (paper: 128).
     damp: fraction of the mean Hessian diagonal added to the diagonal (paper: 0.01).
-    act_order: round columns by decreasing Hessian diagonal (with groups: static groups). On by
-    default: the outlier input channels of small LMs (q_proj's Hessian diagonal spans 300x on SmolLM2)
-    make it decisive (measured in the README).
+    act_order: round columns by decreasing Hessian diagonal. On by default: the outlier input
+    channels of small LMs (q_proj's Hessian diagonal spans 300x on SmolLM2) make it decisive
+    (measured in the README).
     true_sequential: within a layer, collect each linear's Hessian after the linears before it
-    (q/k/v, then o, then gate/up, then down) are rounded; off: one calibration pass per layer."""
+    (q/k/v, then o, then gate/up, then down) are rounded; off: one calibration pass per layer.
+    static_groups: with act_order and groups, fix every group's scale up front on the original
+    column order (each group: consecutive input channels). Off: groups are consecutive in the
+    rounding order, each taking its scale when reached (the reference code's default), and the
+    QLinear records each input channel's group (`g_idx`)."""
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = True
     true_sequential: bool = False
+    static_groups: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,11 +63,19 @@ SUITE = (("w8a8", {}), ("w4a8", {}), ("w4a8", {"sym": False}),
          ("w4a16", {}), ("w4a16", {"sym": False}), ("w4a16", {"group_size": 64}))
 
 
+class Rounded(NamedTuple):
+    """weight: rounded and dequantized, the input's dtype. loss: the proxy loss
+    sum_rows sum_cols (w - q)^2 / [H^-1]_cc^2 / 2. g_idx: each input column's group (int32), where
+    groups are not consecutive input channels (act_order without static groups), else None."""
+    weight: torch.Tensor
+    loss: float
+    g_idx: torch.Tensor | None
+
+
 @torch.no_grad()
 def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size: int = 128,
-                damp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, float]:
-    """Round W (out, in) against the Hessian H (in, in) of its inputs. Returns the rounded weights
-    (dequantized, W's dtype) and the proxy loss sum_rows sum_cols (w - q)^2 / [H^-1]_cc / 2.
+                damp: float = 0.01, act_order: bool = False, static_groups: bool = True) -> Rounded:
+    """Round W (out, in) against the Hessian H (in, in) of its inputs.
     spec None rounds nothing (the identity): the error feedback then has nothing to spread."""
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32       # at least float32
     W0, W = W, W.detach().clone().to(dt)
@@ -77,7 +92,7 @@ def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size
     static = None
     if spec is not None and group is None:
         static = qparams(W, col_spec)                                   # one (scale, zero) per row
-    elif group is not None and act_order:                               # static groups, original order
+    elif group is not None and act_order and static_groups:             # fixed up front, original order
         static = [qparams(W[:, g:g + group], col_spec) for g in range(0, n_in, group)]
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n_in)
@@ -101,9 +116,9 @@ def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size
                     q = w
                 else:
                     if group is not None:
-                        if act_order:
+                        if static is not None:
                             params = static[int(perm[c]) // group]
-                        elif c % group == 0:
+                        elif c % group == 0:                            # consecutive in rounding order
                             params = qparams(_current(W, W1, Err1, Hinv, b0, b1, i, group), col_spec)
                     q = fake_quant(w[:, None], col_spec, *params)[:, 0]
                 Q[:, c] = q
@@ -112,8 +127,11 @@ def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size
                 W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
                 Err1[:, i] = err
             W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]                         # the lazy batch update
-    Q = Q[:, torch.argsort(perm)]
-    return Q.to(W0.dtype), float(loss)
+    inv = torch.argsort(perm)
+    g_idx = None
+    if group is not None and act_order and not static_groups:
+        g_idx = (inv // group).to(torch.int32)                         # rounding position // group
+    return Rounded(Q[:, inv].to(W0.dtype), float(loss), g_idx)
 
 
 @contextmanager
@@ -167,10 +185,12 @@ def gptq_(model: nn.Module, calib: torch.Tensor, cfg: GPTQConfig, a_spec: QSpec 
                 shared.setdefault(id(hess[n]), []).append(n)
             for names_h in shared.values():
                 W = torch.cat([mods[n].weight for n in names_h])
-                Q, loss = gptq_weight(W, hess[names_h[0]]["H"], cfg.w_spec, cfg.block_size, cfg.damp, cfg.act_order)
-                losses[f"{i}." + "+".join(names_h)] = loss
-                for n, q in zip(names_h, Q.split([mods[n].out_features for n in names_h])):
-                    layer.set_submodule(n, QLinear.from_linear(mods[n], cfg.w_spec, a_spec, weight=q))
+                r = gptq_weight(W, hess[names_h[0]]["H"], cfg.w_spec, cfg.block_size, cfg.damp,
+                                cfg.act_order, cfg.static_groups)
+                losses[f"{i}." + "+".join(names_h)] = r.loss
+                for n, q in zip(names_h, r.weight.split([mods[n].out_features for n in names_h])):
+                    layer.set_submodule(n, QLinear.from_linear(mods[n], cfg.w_spec, a_spec, weight=q,
+                                                               g_idx=r.g_idx))
             del hess
         bar.update(1)
 

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from slmquant.calib import accumulate_hessian, capture_layer_inputs, make_hessian, run_layer
+from slmquant.errors import SlmquantError
 from slmquant.methods import make_config, quantize
 from slmquant.methods.gptq import gptq_weight
 from slmquant.models import SUPPORTED_ARCHS, tiny_model
 from slmquant.quant import QSpec, fake_quant, qparams
+from slmquant.real import grid_of
 
 
 def _data(seed=0, rows=24, cols=64, tokens=512):
@@ -37,14 +39,14 @@ def test_two_columns_by_hand():
     q0 = fake_quant(W[:, :1], spec, scale, zero)[:, 0]
     w1 = W[:, 1] - (H[1, 0] / H[1, 1]) * (q0 - W[:, 0])
     q1 = fake_quant(w1[:, None], spec, scale, zero)[:, 0]
-    Q, _ = gptq_weight(W, H, spec, damp=0.0)
+    Q, _, _ = gptq_weight(W, H, spec, damp=0.0)
     assert torch.allclose(Q, torch.stack([q0, q1], 1), atol=1e-12)
     assert not torch.equal(Q, fake_quant(W, spec))          # the update changed a rounding
 
 
 def test_sixteen_bit_weights_are_the_identity():
     W, _, H = _data()
-    Q, loss = gptq_weight(W, H, None)
+    Q, loss, _ = gptq_weight(W, H, None)
     assert torch.equal(Q, W) and loss == 0.0
 
 
@@ -60,14 +62,14 @@ def test_gptq_w16a16_leaves_the_model_unchanged(arch):
         assert torch.equal(model(ids).logits, ref)
 
 
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order,static_groups", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("group_size", [None, 16])
-def test_lazy_blocks_change_nothing(act_order, group_size):
+def test_lazy_blocks_change_nothing(act_order, static_groups, group_size):
     W, _, H = _data(1)
     spec = QSpec(3, sym=False, granularity="group" if group_size else "channel", group_size=group_size)
-    ref, _ = gptq_weight(W, H, spec, block_size=W.shape[1], act_order=act_order)
+    ref, _, _ = gptq_weight(W, H, spec, block_size=W.shape[1], act_order=act_order, static_groups=static_groups)
     for bs in (1, 7, 32):
-        Q, _ = gptq_weight(W, H, spec, block_size=bs, act_order=act_order)
+        Q, _, _ = gptq_weight(W, H, spec, block_size=bs, act_order=act_order, static_groups=static_groups)
         assert torch.allclose(Q, ref, atol=1e-9), bs
 
 
@@ -76,7 +78,7 @@ def test_lazy_blocks_change_nothing(act_order, group_size):
 def test_gptq_beats_rtn_on_the_layer_objective(sym, group_size, act_order):
     W, X, H = _data(2)
     spec = QSpec(4, sym=sym, granularity="group" if group_size else "channel", group_size=group_size)
-    Q, _ = gptq_weight(W, H, spec, act_order=act_order)
+    Q, _, _ = gptq_weight(W, H, spec, act_order=act_order)
     rtn = fake_quant(W, spec)
     assert _err(W, Q, X) < 0.8 * _err(W, rtn, X)
     # every row (group) is on a grid of 2^bits levels: the weights are really 4-bit
@@ -87,18 +89,34 @@ def test_gptq_beats_rtn_on_the_layer_objective(sym, group_size, act_order):
 def test_act_order_uses_static_groups_on_consecutive_channels():
     W, _, H = _data(3)
     spec = QSpec(4, sym=True, granularity="group", group_size=16)
-    Q, _ = gptq_weight(W, H, spec, act_order=True)
+    Q, _, _ = gptq_weight(W, H, spec, act_order=True)
     col = dataclasses.replace(spec, granularity="channel", group_size=None)
     for g in range(0, W.shape[1], 16):           # each group on the grid fixed by the original weights
         scale, zero = qparams(W[:, g:g + 16], col)
         assert torch.allclose(fake_quant(Q[:, g:g + 16], col, scale, zero), Q[:, g:g + 16], atol=1e-12)
 
 
+def test_act_order_without_static_groups_groups_the_rounding_order():
+    """Groups of 16 consecutive columns in the order of decreasing Hessian diagonal, each on its own
+    grid; g_idx names every column's group, and GPTQ still beats RTN on the same (consecutive) groups."""
+    W, X, H = _data(3)
+    spec = QSpec(4, sym=True, granularity="group", group_size=16)
+    Q, _, g_idx = gptq_weight(W, H, spec, act_order=True, static_groups=False)
+    order = torch.argsort(torch.diag(H), descending=True)
+    assert torch.equal(g_idx[order].long(), torch.arange(W.shape[1]) // 16)
+    assert gptq_weight(W, H, spec, act_order=True)[2] is None and gptq_weight(W, H, spec)[2] is None
+    gathered = Q[:, torch.argsort(g_idx, stable=True)]          # each group's columns side by side
+    grid_of(gathered, spec)                                      # raises unless every group is on a 4-bit grid
+    with pytest.raises(SlmquantError, match="not on a"):
+        grid_of(Q, spec)                                         # consecutive channels are not groups here
+    assert _err(W, Q, X) < 0.8 * _err(W, fake_quant(W, spec), X)
+
+
 def test_dead_inputs_are_zeroed():
     W, _, H = _data(4)
     H[5, :] = 0
     H[:, 5] = 0
-    Q, _ = gptq_weight(W, H, QSpec(4))
+    Q, _, _ = gptq_weight(W, H, QSpec(4))
     assert torch.all(Q[:, 5] == 0)
 
 
@@ -123,6 +141,6 @@ def test_rows_round_independently():
     """What lets q/k/v (one Hessian) be rounded as one stacked matrix."""
     W, _, H = _data(5)
     spec = QSpec(4, sym=False)
-    Q, _ = gptq_weight(W, H, spec)
+    Q, _, _ = gptq_weight(W, H, spec)
     parts = [gptq_weight(w, H, spec)[0] for w in W.split([10, 14])]
     assert torch.allclose(Q, torch.cat(parts), atol=1e-12)

@@ -87,9 +87,36 @@ def test_real_linear_computes_what_the_fake_quantized_layer_computes(w_spec, a_s
     assert r.qweight.numel() == 48 * 64 // (8 // w_spec.bits)
 
 
+def test_real_linear_with_a_group_index():
+    """Groups that are not consecutive channels (GPTQ's act-order groups): codes gathered by g_idx,
+    computed as the fake-quantized layer, saved and rebuilt from meta; a g_idx that does not give
+    every group group_size channels is refused."""
+    torch.manual_seed(0)
+    spec = QSpec(4, True, "group", 16)
+    lin = torch.nn.Linear(64, 48, bias=True)
+    perm = torch.randperm(64)
+    g_idx = (torch.argsort(perm) // 16).to(torch.int32)           # channel perm[j] is j-th in order
+    W = fake_quant(lin.weight[:, perm], spec)[:, torch.argsort(perm)]
+    q = QLinear.from_linear(lin, spec, None, weight=W, g_idx=g_idx)
+    r = RealLinear.from_qlinear(q)
+    x = torch.randn(3, 7, 64)
+    assert torch.allclose(r(x), q(x), rtol=1e-5, atol=1e-5) and torch.equal(r.g_idx, g_idx)
+    again = RealLinear.from_meta(r.meta())
+    again.load_state_dict(r.state_dict())
+    assert torch.equal(again(x), r(x))
+    with pytest.raises(SlmquantError, match="not on a"):                    # consecutive groups: off-grid
+        RealLinear.from_qlinear(QLinear.from_linear(lin, spec, None, weight=W))
+    q.g_idx[0] = 1 - q.g_idx[0].clamp(max=1)
+    with pytest.raises(SlmquantError, match="does not give every group 16 channels"):
+        RealLinear.from_qlinear(q)
+    with pytest.raises(SlmquantError, match="takes one weight scale per row"):
+        RealLinear(64, 48, True, spec, QSpec(8, True, "token"), kernel="int_mm")
+
+
 def _cells():
     return [("rtn", "w8a8", {}), ("rtn", "w4a8", {"sym": False}), ("rtn", "w4a16", {"group_size": 32}),
             ("gptq", "w4a8", {"calib_samples": 2, "calib_seqlen": 64}),
+            ("gptq", "w4a16", {"group_size": 16, "static_groups": False, "calib_samples": 2, "calib_seqlen": 64}),
             ("smoothquant", "w8a8", {"calib_samples": 2, "calib_seqlen": 64})]
 
 
