@@ -44,7 +44,8 @@ KNOWN_FAILURES: dict[str, str] = {
         "GPTQ W4A16 g64 on Qwen (quick profile, 128 x 512): 33.180, closing 39% of RTN g64's gap to "
         "float (34.684 vs 30.793), short of the issue's 50%; 31% at 32 x 2048. Sym and asym per "
         "channel close 61% and 74% (README, Qwen GPTQ rows). 39% again on a second calibration "
-        "draw; without act-order 49% and 51% on the two draws (README, Qwen g64 paragraph)"),
+        "draw; act-order with groups in rounding order (g_idx) 43%; without act-order 49% and 51% "
+        "on the two draws (README, Qwen g64 table)"),
 }
 
 # Quick-profile tier (first 40 windows of 2048; calibration 32 x 2048, GPTQ 128 x 512): RTN's
