@@ -174,7 +174,8 @@ class RealLinear(nn.Module):
             u, scale, zero = grid_of(q.weight, q.w_spec)
         else:                                     # gather each group's channels, recover, put back
             order = torch.argsort(g_idx, stable=True)
-            if not torch.equal(g_idx[order].long(), torch.arange(q.in_features, device=g_idx.device) // q.w_spec.group_size):
+            expected = torch.arange(q.in_features, device=g_idx.device) // q.w_spec.group_size
+            if not torch.equal(g_idx[order].long(), expected):
                 raise SlmquantError(f"g_idx does not give every group {q.w_spec.group_size} channels")
             u, scale, zero = grid_of(q.weight[:, order], q.w_spec)
             u = u[:, torch.argsort(order)]
