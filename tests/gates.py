@@ -40,6 +40,9 @@ KNOWN_FAILURES: dict[str, str] = {
     "smollm2-smoothquant-w4a8-calib_samples=16": (
         "SmoothQuant with alpha=0.5 moves activation range into 4-bit weights: ppl_ratio 2.42 vs "
         "RTN 2.17 on the default tier; the alpha search and GPTQ weights are cells of their own"),
+    "smollm2-smoothquant-w8a8-calib_samples=32-calib_seqlen=2048": (
+        "SmoothQuant W8A8 at alpha 0.5 on SmolLM2 (quick profile): ppl_ratio 1.0161 on AVX-512 (1.017 "
+        "on AVX2), short of the issue's 1.5% above float; the alpha-search cell meets it (1.014, README)"),
     "qwen2-gptq-w4a16-calib_seqlen=512-group_size=64": (
         "GPTQ W4A16 g64 on Qwen (quick profile, 128 x 512): 33.180, closing 39% of RTN g64's gap to "
         "float (34.684 vs 30.793), short of the issue's 50%; 31% at 32 x 2048. Sym and asym per "
