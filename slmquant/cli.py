@@ -226,6 +226,32 @@ def cmd_cache(args) -> dict:
     return {"root": str(cache.root), "entries": len(entries), "bytes": total, "removed": len(removed)}
 
 
+def _run_identity(model: str, method: str, bits: str | None, profile: str) -> str | None:
+    """What a saved `run` result must match to be reused: the model's source and profile, and for a
+    quantized cell its cache key (every setting and the quantizer's code). A result of an older
+    calibration setting or quantizer is evaluated again, never reused. None where the source is
+    only known after loading (a Hub id): such cells are always evaluated (the caches keep that cheap)."""
+    from .models import resolve
+    source = resolve(model)[2]
+    if source is None:
+        return None
+    if method == "none":
+        return f"{source.key}:{profile}:float"
+    from .cells import Cell
+    from .methods import make_config
+    from .profiles import profile_settings
+    cell = Cell(model, method, make_config(method, bits, profile_settings(method, profile)))
+    return f"{source.key}:{profile}:{cell.key(source.key)}"
+
+
+def _read_result(path: Path) -> dict | None:
+    """A saved result, or None when it is missing or unreadable (an interrupted write)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def cmd_run(args) -> dict:
     """The main job: the float model and every registered method at W8A8 and W4A8 on the bundled
     default model, scored on the profile's WikiText-2 subset, one table. Each cell's result is
@@ -242,10 +268,14 @@ def cmd_run(args) -> dict:
         ns = argparse.Namespace(**{**vars(args), "model": model_name, "method": method, "bits": bits,
                                    "tasks": "wikitext2", "limit": None, "set": None, "group_size": None,
                                    "json": True})
-        res = json.loads(path.read_text()) if path.is_file() else None
-        if res is None or res.get("profile") != args.profile or res.get("model") != model_name:
+        want = _run_identity(model_name, method, bits, args.profile)
+        res = _read_result(path)
+        if res is None or want is None or res.get("run_identity") != want:
             res = cmd_eval(ns)
-            path.write_text(json.dumps(res, indent=1, default=str))
+            res["run_identity"] = want
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(res, indent=1, default=str))
+            os.replace(tmp, path)
         results[name] = res
         fppl = results["float"]["wikitext2"]["ppl"]
         q = res.get("quantization", {}).get("cost", {})

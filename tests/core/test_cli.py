@@ -97,6 +97,24 @@ def test_run_writes_resumable_results(monkeypatch, tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")} == stamp
     assert "rtn-w4a8" in capsys.readouterr().out
+    # a result of another setting or quantizer version, or a torn file, is evaluated again
+    stale = json.loads((tmp_path / "gptq-w4a8.json").read_text())
+    stale["run_identity"] = stale["run_identity"][:-4] + "beef"
+    stale["wikitext2"]["ppl"] = 1.0
+    (tmp_path / "gptq-w4a8.json").write_text(json.dumps(stale))
+    (tmp_path / "rtn-w8a8.json").write_text('{"model": ')
+    assert main(["run", "--out", str(tmp_path), "--json"]) == 0
+    rows = {r["cell"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
+    assert rows["gptq-w4a8"]["wikitext2_ppl"] == res["rows"][cells.index("gptq-w4a8")]["wikitext2_ppl"]
+    assert rows["rtn-w8a8"]["wikitext2_ppl"] == res["rows"][cells.index("rtn-w8a8")]["wikitext2_ppl"]
+    changed = {p.name for p in tmp_path.glob("*.json") if p.stat().st_mtime_ns != stamp[p.name]}
+    assert changed == {"gptq-w4a8.json", "rtn-w8a8.json"}
+    # another calibration budget is another cell: the calibrated methods' results are not reused
+    from slmquant.cli import _run_identity
+    before = {m: _run_identity("smollm2-135m", m, "w8a8", "quick") for m in ("none", "rtn", "gptq", "smoothquant")}
+    monkeypatch.setattr(profiles, "QUICK", {"calib_samples": 3, "calib_seqlen": 256})
+    after = {m: _run_identity("smollm2-135m", m, "w8a8", "quick") for m in before}
+    assert [m for m in before if before[m] != after[m]] == ["gptq", "smoothquant"]
 
 
 def test_cache_command_reports_and_prunes(monkeypatch, tmp_path, capsys):
