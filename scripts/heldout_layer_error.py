@@ -19,10 +19,10 @@ import sys
 import torch
 
 from slmquant import data
-from slmquant.arch import arch_map, decoder_layers
+from slmquant.arch import decoder_layers
 from slmquant.calib import capture_layer_inputs, run_layer
 from slmquant.methods import make_config
-from slmquant.methods.gptq import _collect, gptq_weight
+from slmquant.methods.gptq import _collect, _sequential_groups, gptq_weight
 from slmquant.models import load_model
 from slmquant.quant import fake_quant
 
@@ -55,8 +55,7 @@ def main() -> int:
     cfg = make_config("gptq", args.bits, dict(kv.split("=", 1) for kv in args.set))
     spec, want = cfg.w_spec, sorted(int(x) for x in args.layers.split(","))
     model, tok = load_model(args.model)
-    amap = arch_map(model)
-    names = [n for s in (amap.attn_in, amap.v_o, amap.mlp_in, amap.up_down) for n in s.linears]
+    names = _sequential_groups(model, true_sequential=False)[0]        # every decoder linear
     sets = {k: capture_layer_inputs(model, data.calib_windows(tok, n, args.seqlen, seed))
             for k, n, seed in (("calib", args.calib, 0), ("heldout", args.heldout, 12345))}
     xs = {k: s.hidden for k, s in sets.items()}
