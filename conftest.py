@@ -15,12 +15,84 @@ if "SLMQUANT_DATA" not in os.environ and (ROOT.parent / "shared" / "data").is_di
     os.environ["SLMQUANT_DATA"] = str(ROOT.parent / "shared" / "data")
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                      # macOS
+        return os.cpu_count() or 1
+
+
+# Torch threads: the cores shared among the xdist workers (one process gets them all), so that
+# `pytest -n 4` on two cores does not run eight threads; SLMQUANT_THREADS overrides. Cells are not
+# keyed by it: the gate's bands absorb the measured 1-vs-2-thread spread (docs/gate_bands.md).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = int(os.environ.get("SLMQUANT_THREADS") or max(1, _cores() // WORKERS))
+torch.set_num_threads(THREADS)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+try:                                            # property tests: the same examples on every CI run
+    from hypothesis import settings as _hsettings
+    _hsettings.register_profile("ci", derandomize=True, deadline=None)
+    if os.environ.get("CI"):
+        _hsettings.load_profile("ci")
+except ImportError:
+    pass
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run the slow real-model tier")
 
 
+def pytest_configure(config):
+    global _config
+    _config = config
+    from tests.baseline import device_class
+    config.slmquant_gate_failures = []
+    dev = device_class()
+    missing = not (ROOT / "baselines" / dev).is_dir() and not config.option.update_snapshots
+    config.slmquant_missing_baselines = dev if missing else None
+
+
+def pytest_report_header(config):
+    from tests.baseline import device_class
+    return (f"slmquant: device {DEVICE}, baseline class {device_class()}, {THREADS} torch thread(s) per "
+            f"process ({WORKERS} worker(s) on {_cores()} core(s))")
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        for name, value in report.user_properties:
+            if name == "slmquant_gate_failures":
+                _config.slmquant_gate_failures.append((report.nodeid, report.outcome, value))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """On red, one summary: each cell that moved, by how much, against which band and gate."""
+    rows = [(n, o, v) for n, o, v in config.slmquant_gate_failures if o == "failed"]
+    if rows:
+        terminalreporter.section("slmquant gate summary")
+        for nodeid, _, lines in rows:
+            for line in lines:
+                terminalreporter.line(line)
+        terminalreporter.line("An intended change? Re-record: see docs/gate_bands.md, 'When a gate turns red'.")
+    if config.slmquant_missing_baselines:
+        dev = config.slmquant_missing_baselines
+        terminalreporter.section("slmquant: no baselines for this device class", red=True)
+        terminalreporter.line(f"baselines/{dev}/ does not exist: every baseline test was skipped. Record them:\n"
+                              f"  pytest --snapshot-update -p no:randomly   (writes baselines/{dev}/)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.slmquant_missing_baselines and session.exitstatus == 0:
+        session.exitstatus = 1                  # fails once, not once per cell
+
+
+_config = None
+
+
 def pytest_collection_modifyitems(config, items):
     runslow = config.getoption("--runslow")
+    missing = config.slmquant_missing_baselines
     cuda = torch.cuda.is_available()
     for item in items:
         parts = Path(str(item.fspath)).parts
@@ -31,6 +103,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="slow real-model tier: pass --runslow"))
         if "gpu" in item.keywords and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+        if missing and "baseline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.skip(reason=f"no baselines for device class {missing}"))
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +116,7 @@ def _seed():
 def smollm2():
     """The whole bundled SmolLM2-135M in float32 (from the on-disk cache after the first run)."""
     from slmquant.models import load_model
-    return load_model("smollm2-135m")
+    return load_model("smollm2-135m", device=DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -71,29 +145,40 @@ def float_models():
 
     def get(alias):
         if alias not in cache:
-            cache[alias] = load_model(alias)
+            cache[alias] = load_model(alias, device=DEVICE)
         return cache[alias]
     return get
 
 
 @pytest.fixture(scope="session")
 def float_ref(float_models):
-    """(alias, tier) -> {"tokens", "ppl", "logits"}: the float model scored once per session."""
-    from slmquant import evaluate
+    """(alias, tier) -> tests.gates.FloatReference: the float model scored once per session."""
+    from tests.gates import FloatReference
     cache = {}
 
     def get(alias, tier):
         key = (alias, tier.name)
         if key not in cache:
-            model, tok = float_models(alias)
-            tokens = evaluate.wikitext2_tokens(tok)
-            logits = {}
-            if tier.logits:
-                for i, _, lg in evaluate.window_logits(model, tokens, tier.seqlen, range(tier.windows)):
-                    logits[i] = lg[0]
-            res = evaluate.perplexity(model, tokens, seqlen=tier.seqlen, limit=tier.windows, progress=False)
-            cache[key] = {"tokens": tokens, "ppl": res.ppl, "logits": logits}
+            cache[key] = FloatReference(*float_models(alias), tier)
         return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def gate_metrics(quantized, float_ref):
+    """cell -> the default tier's gate statistics of a cell (KL from float, perplexity ratio, and the
+    damage ratio to the RTN cell with the same settings, scored in this session), memoized."""
+    from tests import gates
+    from tests.matrix import DEFAULT
+    memo: dict = {}
+
+    def get(cell):
+        if cell.id not in memo:
+            m = float_ref(cell.model, DEFAULT).score(quantized(cell)[0])
+            if cell.method != "rtn":
+                m["damage_ratio"] = m["kl"] / get(gates.rtn_twin(cell))["kl"]
+            memo[cell.id] = m
+        return memo[cell.id]
     return get
 
 

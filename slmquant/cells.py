@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import transformers
 from filelock import FileLock, Timeout
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
@@ -24,7 +25,7 @@ from . import cost, data
 from .arch import set_submodule
 from .errors import SlmquantError
 from .methods import CalibConfig, QuantConfig, get_method
-from .models import _sha256, cache_dir
+from .models import _sha256, cache_dir, device_name
 from .quant import QLinear
 
 # Free disk space a cell write must leave behind (GiB): below it, the least recently used entries are
@@ -33,6 +34,8 @@ from .quant import QLinear
 RESERVE_ENV = "SLMQUANT_CACHE_RESERVE_GB"
 RESERVE_GB = 4.0
 
+# The code that draws calibration windows (build() calls it, not the method): part of every cell key.
+CALIB_CODE = hashlib.sha256(Path(data.__file__).read_bytes()).hexdigest()[:16]
 SHORT_NAMES = {"smollm2-135m": "smollm2", "qwen2.5-0.5b": "qwen2"}
 MODULE_TYPES = {"QLinear": QLinear}        # modules a method may install, rebuilt from their meta()
 
@@ -52,7 +55,8 @@ class Cell:
     def key(self, source_key: str) -> str:
         payload = {"source": source_key, "method": self.method, "cfg": asdict(self.cfg),
                    "cfg_class": type(self.cfg).__name__, "code": get_method(self.method).source_hash(),
-                   "torch": torch.__version__}
+                   "calib_code": CALIB_CODE, "torch": torch.__version__,
+                   "transformers": transformers.__version__, "device": device_name()}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -68,7 +72,7 @@ def build(cell: Cell, float_model: nn.Module, tok) -> tuple[nn.Module, dict]:
             calib = data.calib_windows(tok, cell.cfg.calib_samples, cell.cfg.calib_seqlen, cell.cfg.seed)
         return method.fn(model, calib, cell.cfg)
 
-    model, c = cost.measure(run, device)
+    model, c = cost.measure(run, device, _state_bytes(float_model))
     record = {"cell": cell.id, "model": cell.model, "method": cell.method, "bits": cell.cfg.scheme,
               "settings": asdict(cell.cfg), "source": getattr(float_model, "slmquant_source").to_dict(),
               "cost": c.to_dict(),

@@ -89,7 +89,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | s
     indices, label = select_windows(n_total, limit, sample_seed)
     device = next(model.parameters()).device
     nll, count, window_nll = torch.zeros((), dtype=torch.float64), 0, []
-    sig, noise, kl = 0.0, 0.0, 0.0
+    sig, noise, kl, window_kl = 0.0, 0.0, 0.0, []
     bar = tqdm(total=len(indices), desc=f"wikitext2 ppl ({label}, {seqlen})", disable=not progress, unit="win")
     for b in range(0, len(indices), batch_size):
         chunk = indices[b:b + batch_size]
@@ -106,8 +106,9 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | s
                 ref = reference(i).to(logits.device)
                 sig += ref.double().pow(2).sum().item()
                 noise += (ref - logits[j]).double().pow(2).sum().item()
-                kl += F.kl_div(logits[j].log_softmax(-1), ref.log_softmax(-1), log_target=True,
-                               reduction="sum").item()
+                window_kl.append(F.kl_div(logits[j].log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                          reduction="sum").item())
+                kl += window_kl[-1]
         bar.update(len(chunk))
     bar.close()
     res = PPLResult(float(torch.exp(nll / count)), float(nll), count, len(indices), seqlen, label,
@@ -115,7 +116,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | s
     if reference is not None:
         n_pos = len(indices) * seqlen
         res.extra = {"sqnr_db": 10 * torch.log10(torch.tensor(sig / max(noise, 1e-30))).item(),
-                     "kl": kl / n_pos}
+                     "kl": kl / n_pos, "window_kl": window_kl}
     return res
 
 

@@ -141,30 +141,22 @@ def measure(model: nn.Module, ids: torch.Tensor, iters: int = ITERS, warmup: int
     for _ in range(warmup if prefill_tok_s is None else 1):
         model(ids)
     _sync(device)
-    counter = cost.reset_peak(device)
-    base = 0 if device.startswith("cuda") else _rss()
     n = iters if prefill_tok_s is None else 3
-    t0 = time.perf_counter()
-    for _ in range(n):
-        model(ids)
-    _sync(device)
+    with cost.PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            model(ids)
+        _sync(device)
+        elapsed = time.perf_counter() - t0
     if prefill_tok_s is None:
-        prefill_tok_s = ids.shape[1] * n / (time.perf_counter() - t0)
-    peak = cost.read_peak(device)
-    if not device.startswith("cuda"):
-        peak = model_bytes(model) + max(0, peak - base)
-        counter = "model tensors + growth of the peak RSS (VmHWM, reset via clear_refs)"
+        prefill_tok_s = ids.shape[1] * n / elapsed
+    if device.startswith("cuda"):
+        peak, counter = cost.read_peak(device), mem.counter
+    else:
+        peak, counter = model_bytes(model) + mem.growth, f"model tensors + growth of the peak ({mem.counter})"
     decode_s = _decode_seconds(model, ids, decode_tokens)
     return Track2(device, ids.shape[1], prefill_tok_s, decode_tokens, decode_tokens / decode_s,
                   peak, counter, model_bytes(model), macs(model, ids))
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _decode_seconds(model: nn.Module, ids: torch.Tensor, n: int) -> float:

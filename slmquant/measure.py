@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import transformers
 from filelock import FileLock
 
 from . import evaluate
-from .models import cache_dir
+from .models import cache_dir, device_name
 
 
 def float_key(model) -> str:
     """The model-state key of an unquantized model."""
-    return f"float:{model.slmquant_source.key}:{model.dtype}"
+    return f"float:{model.slmquant_source.key}:{model.dtype}:{device_name()}"
 
 
 class MeasureCache:
@@ -34,7 +35,8 @@ class MeasureCache:
     def key(model_key: str, tokens: torch.Tensor, seqlen: int, limit, sample_seed) -> str:
         payload = {"model": model_key, "tokens": evaluate.tokens_digest(tokens), "seqlen": seqlen,
                    "limit": str(limit), "sample_seed": sample_seed, "code": evaluate.scoring_code_hash(),
-                   "torch": torch.__version__}
+                   "torch": torch.__version__, "transformers": transformers.__version__,
+                   "device": device_name()}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
     def wikitext2(self, model_key: str, load: Callable[[], torch.nn.Module], tokens: torch.Tensor,

@@ -66,6 +66,12 @@ class Source:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def device_name() -> str:
+    """The compute device results are measured on: "cpu", or the CUDA device's name. Part of every
+    cached cell's and measurement's key, so that a result is never replayed on another device."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def cache_dir() -> Path:
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "slmquant").expanduser()
     root.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ class Tier:
 # minute here; SmoothQuant's search with GPTQ weights in about three) run only in the slow tier, to
 # keep the default run under 20 minutes on two cores (with them all, a cold cache took 20 min 37 s
 # of pytest on an AVX2 machine).
-DEFAULT = Tier("default", ("smollm2-135m",), 256, 4, (("calib_samples", 16), ("calib_seqlen", 512)), True,
+DEFAULT = Tier("default", ("smollm2-135m",), 512, 16, (("calib_samples", 16), ("calib_seqlen", 512)), True,
                exclude=(("gptq", "w4a8", {"sym": False}), ("gptq", "w4a16", {"sym": False}),
                         ("smoothquant", "w4a8", {"alpha_search": True}),
                         ("smoothquant", "w4a8", {"alpha_search": True, "weights": "gptq"})))

@@ -57,22 +57,33 @@ def test_quick_gates_combine_rtn_ceiling_and_method_target():
     assert gates.quick_gates(Cell("qwen9", "rtn", make_config("rtn", "w8a8"))) == {}
 
 
-def test_per_isa_baseline_wins_only_where_it_exists(tmp_path, monkeypatch):
-    """A cell with a recording for this CPU's instruction set reads it; every other cell falls back to
-    baselines/cpu; SLMQUANT_BASELINE_DEVICE forces the folder (where --snapshot-update writes)."""
+def test_one_cpu_class_and_an_override(tmp_path, monkeypatch):
+    """Every CPU reads baselines/cpu (no per-instruction-set folder); SLMQUANT_BASELINE_DEVICE forces
+    the folder (where --snapshot-update writes)."""
     from types import SimpleNamespace
 
     import tests.baseline as bl
     monkeypatch.setattr(bl, "ROOT", tmp_path)
-    monkeypatch.setattr(bl, "isa_class", lambda: "cpu-testisa")
-    monkeypatch.setattr(bl, "device_class", lambda: "cpu")
+    monkeypatch.setattr(bl.torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("SLMQUANT_BASELINE_DEVICE", raising=False)
-    loc = lambda cell: SimpleNamespace(filepath=str(tmp_path / "tests/track1_accuracy/test_x.py"),
-                                       methodname="test_gate", nodename=f"test_gate[{cell}]")
-    own = tmp_path / "baselines/cpu-testisa/track1/test_gate"
-    own.mkdir(parents=True)
-    (own / "a.json").write_text("{}")
-    assert BaselineExtension.dirname(test_location=loc("a")) == str(own)
-    assert BaselineExtension.dirname(test_location=loc("b")) == str(tmp_path / "baselines/cpu/track1/test_gate")
+    loc = SimpleNamespace(filepath=str(tmp_path / "tests/track1_accuracy/test_x.py"),
+                          methodname="test_gate", nodename="test_gate[a]")
+    assert BaselineExtension.dirname(test_location=loc) == str(tmp_path / "baselines/cpu/track1/test_gate")
     monkeypatch.setenv("SLMQUANT_BASELINE_DEVICE", "cpu-other")
-    assert BaselineExtension.dirname(test_location=loc("a")) == str(tmp_path / "baselines/cpu-other/track1/test_gate")
+    assert BaselineExtension.dirname(test_location=loc) == str(tmp_path / "baselines/cpu-other/track1/test_gate")
+
+
+def test_nested_metrics_take_their_parents_tolerance():
+    """acc_norm nested under task names takes acc_norm's absolute 0.025, not the 0.1% default."""
+    from tests.baseline import compare
+    base = {"acc_norm": {"arc_easy": 0.400, "piqa": 0.600}}
+    assert compare({"acc_norm": {"arc_easy": 0.4083, "piqa": 0.600}}, base) == []        # one item of 120
+    assert compare({"acc_norm": {"arc_easy": 0.450, "piqa": 0.600}}, base)
+
+
+def test_cell_bands_replace_the_default_tolerance():
+    ext = BaselineExtension.with_bands({"kl": 0.03})()
+    stored = json.dumps({"kl": 0.100})
+    assert ext.matches(serialized_data=json.dumps({"kl": 0.1029}), snapshot_data=stored)
+    assert not ext.matches(serialized_data=json.dumps({"kl": 0.1031}), snapshot_data=stored)
+    assert BaselineExtension.tol["kl"] != ("rel", 0.03)                 # the class itself is unchanged

@@ -14,6 +14,9 @@ from slmquant.models import SUPPORTED_ARCHS, tiny_model
 from slmquant.quant import QSpec, fake_quant, qparams
 from slmquant.real import grid_of
 
+# GPTQ's unit and equivalence tests guard every GPTQ cell: selected by `-m <bits>` and by the method's marker
+pytestmark = [pytest.mark.gptq, pytest.mark.w8a8, pytest.mark.w4a8, pytest.mark.w4a16]
+
 
 def _data(seed=0, rows=24, cols=64, tokens=512):
     """Weights and correlated inputs (a few dominant directions, as in real activations)."""

@@ -7,6 +7,9 @@ from hypothesis import strategies as st
 from slmquant.errors import SlmquantError
 from slmquant.quant import QLinear, QSpec, dequantize, fake_quant, parse_bits, qparams, quantize, round_ste
 
+# the rounding every method shares: selected by `-m <bits>` and by the method's marker
+pytestmark = [pytest.mark.rtn, pytest.mark.w8a8, pytest.mark.w4a8, pytest.mark.w4a16]
+
 bits_st = st.integers(2, 8)
 gran_st = st.sampled_from(["tensor", "channel", "token", ("group", 4), ("group", 8)])
 

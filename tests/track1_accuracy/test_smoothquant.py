@@ -7,6 +7,9 @@ from slmquant.methods import make_config, quantize
 from slmquant.methods.smoothquant import collect_act_max, smooth_, smoothing_scales
 from slmquant.models import SUPPORTED_ARCHS, tiny_model
 
+# SmoothQuant's equivalence tests guard every SmoothQuant cell: selected by `-m <bits>` and by the method's marker
+pytestmark = [pytest.mark.smoothquant, pytest.mark.w8a8, pytest.mark.w4a8, pytest.mark.w4a16]
+
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
 @pytest.mark.parametrize("alpha", [0.5, 0.85])

@@ -17,6 +17,9 @@ from slmquant.quant import QLinear, QSpec, fake_quant
 from slmquant.real import (RealLinear, _has_vnni, grid_of, kernel_paths, load_real, pack4, save_real, storage, to_real,
                            unpack4)
 
+# integer kernels, exact against the fake-quantized layers of every method: selected by `-m <bits>`
+pytestmark = [pytest.mark.w8a8, pytest.mark.w4a8, pytest.mark.w4a16]
+
 
 @st.composite
 def weights_on_a_grid(draw):

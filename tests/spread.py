@@ -1,0 +1,125 @@
+"""Measure what the default tier's gate statistics do under changes that must not matter, so that
+every band in tests/gates.py comes from a measured spread.
+
+One run builds every default-tier cell afresh (never from the cell cache: its key does not hold the
+thread count or the instruction set) in the environment it is started in, scores it on the gate's
+windows against the float model, and writes one JSON file: per cell the KL divergence from float and
+the perplexity ratio, per window, so that any prefix of the windows can be read back. Runs differ by
+what they vary:
+
+    python -m tests.spread --out results/spread/base.json                  # 2 threads, this ISA, seed 0
+    python -m tests.spread --out results/spread/seed1.json --seed 1        # another calibration draw
+    python -m tests.spread --out results/spread/t1.json --threads 1
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m tests.spread --out results/spread/avx2.json
+    python -m tests.spread --table results/spread/*.json                   # the docs table
+
+The table reads every run's cells, computes each statistic's spread (max - min over the runs,
+relative to the base run) and the damage ratio to RTN with the same settings."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def environment() -> dict:
+    return {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
+            "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def measure(out: Path, seed: int | None, threads: int | None, select: str | None) -> dict:
+    from slmquant import evaluate
+    from slmquant.cells import build
+    from slmquant.models import load_model
+    from tests import gates
+    from tests.matrix import DEFAULT, cases, make_cell
+
+    if threads:
+        torch.set_num_threads(threads)
+    params = [p.values[0] for p in cases(DEFAULT)]
+    if select:
+        params = [c for c in params if select in c.id]
+    model, tok = load_model(DEFAULT.models[0])
+    ref = gates.FloatReference(model, tok, DEFAULT)
+    doc = json.loads(out.read_text()) if out.exists() else {"env": environment(), "seed": seed, "cells": {}}
+    for cell in params:
+        if cell.id in doc["cells"]:
+            continue                                           # resumed run
+        if seed is not None and "seed" in cell.cfg.__dataclass_fields__:
+            cell = make_cell(cell.model, cell.method, cell.cfg.scheme, {**cell.cfg.settings(), "seed": seed}, DEFAULT)
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        qmodel, _ = build(cell, model, tok)
+        m = ref.score(qmodel)
+        doc["cells"][cell.id.replace(f"-seed={seed}", "")] = {**m, "build_s": round(time.perf_counter() - t0, 1)}
+        print(f"{cell.id}: kl {m['kl']:.5f} ppl_ratio {m['ppl_ratio']:.4f}", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, out)
+    return doc
+
+
+def _prefix(cell: dict, n: int) -> tuple[float, float]:
+    """(KL, perplexity ratio) over the first n windows of a stored cell."""
+    kl = sum(cell["window_kl"][:n]) / (n * cell["seqlen"])
+    ppl = math.exp(sum(cell["window_nll"][:n]) / (n * (cell["seqlen"] - 1)))
+    fppl = math.exp(sum(cell["float_window_nll"][:n]) / (n * (cell["seqlen"] - 1)))
+    return kl, ppl / fppl
+
+
+def table(paths: list[Path], windows: int | None = None) -> str:
+    """Markdown: per cell, KL and its relative spread over the runs, the ppl ratio's, and the damage
+    ratio to RTN (KL of the cell / KL of RTN with the same weight setting, same run) with its spread."""
+    from tests.gates import rtn_twin_id
+    runs = {p.stem: json.loads(p.read_text()) for p in paths}
+    base = next(iter(runs))
+    rows = ["| cell | KL (base) | KL spread | ppl ratio (base) | ppl ratio spread | KL / RTN's (base) | "
+            "its spread | runs |", "|---|---|---|---|---|---|---|---|"]
+    for cid in runs[base]["cells"]:
+        kls, ratios, dmg = [], [], []
+        for doc in runs.values():
+            c = doc["cells"].get(cid)
+            if c is None:
+                continue
+            n = windows or c["n_windows"]
+            kl, pr = _prefix(c, n)
+            kls.append(kl)
+            ratios.append(pr)
+            twin = doc["cells"].get(rtn_twin_id(cid))
+            if twin is not None:
+                dmg.append(kl / _prefix(twin, n)[0])
+        spread = lambda xs: (max(xs) - min(xs)) / xs[0] if len(xs) > 1 else float("nan")
+        rows.append(f"| {cid} | {kls[0]:.5f} | {spread(kls):.1%} | {ratios[0]:.4f} | {spread(ratios):.1%} | "
+                    + (f"{dmg[0]:.3f} | {spread(dmg):.1%} |" if dmg else "- | - |") + f" {len(kls)} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--seed", type=int, default=None, help="calibration draw of every calibrating method")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("-k", dest="select", default=None, help="only cells whose id contains this")
+    ap.add_argument("--table", nargs="+", type=Path, help="print the spread table of these runs (first: base)")
+    ap.add_argument("--windows", type=int, default=None, help="table over the first N windows only")
+    a = ap.parse_args(argv)
+    if a.table:
+        print(table(a.table, a.windows))
+        return 0
+    if not a.out:
+        ap.error("--out or --table is required")
+    measure(a.out, a.seed, a.threads, a.select)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The mutation battery: each mutation removes a method's benefit (or breaks quantization) while
+leaving plausible numbers, and must turn the default tier's gate red through the gate meant to see
+it. A mutated cell is built outside the cell cache and scored exactly as test_cell_gate scores a
+cell, against the recorded baseline of that cell; the test checks which gate reported it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmquant import calib, quant
+from slmquant.cells import build
+from slmquant.methods import METHODS, get_method
+from slmquant.methods import gptq as gptq_mod
+from slmquant.methods import smoothquant as sq_mod
+from tests import gates
+from tests.baseline import load
+from tests.matrix import DEFAULT, make_cell
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    method: str
+    bits: str
+    settings: tuple              # the default-tier cell's settings, as (key, value) pairs
+    apply: Callable              # apply(monkeypatch): the mutation, active while building and scoring
+    gates: frozenset             # a gate of these must report it
+    why: str
+
+
+def _noop(mp):
+    for name, m in list(METHODS.items()):
+        mp.setitem(METHODS, name, replace(m, fn=lambda model, calib_, cfg: model))
+
+
+def _floor(mp):
+    mp.setattr(quant, "_round", torch.floor)
+
+
+def _float_activations(mp):
+    mp.setattr(quant.QLinear, "forward", lambda self, x: F.linear(x, self.weight, self.bias))
+
+
+def _per_tensor_weights(mp):
+    orig = quant.QLinear.from_linear.__func__
+
+    def from_linear(cls, linear, w_spec, a_spec, weight=None, g_idx=None):
+        if w_spec is not None and weight is None:
+            w_spec = replace(w_spec, granularity="tensor", group_size=None)
+        return orig(cls, linear, w_spec, a_spec, weight, g_idx)
+    mp.setattr(quant.QLinear, "from_linear", classmethod(from_linear))
+
+
+def _diagonal_hessian(mp):
+    orig = calib.accumulate_hessian
+
+    def diag_only(h, x):
+        orig(h, x)
+        h["H"].copy_(torch.diag(torch.diag(h["H"])))
+    mp.setattr(gptq_mod, "accumulate_hessian", diag_only)
+
+
+def _no_act_order(mp):
+    orig = gptq_mod.gptq_weight
+    mp.setattr(gptq_mod, "gptq_weight", lambda W, H, spec, bs, damp, act_order, static:
+               orig(W, H, spec, bs, damp, False, static))
+
+
+def _unit_smoothing(mp):
+    mp.setattr(sq_mod, "smoothing_scales", lambda x_max, w_max, alpha: torch.ones_like(x_max, dtype=torch.float64))
+
+
+def _weights_only_smoothing(mp):
+    orig = sq_mod.smoothing_scales
+    mp.setattr(sq_mod, "smoothing_scales", lambda x_max, w_max, alpha: orig(torch.ones_like(x_max), w_max, alpha))
+
+
+GPTQ_CAL = (("calib_samples", 16), ("calib_seqlen", 512))
+MUTATIONS = [
+    Mutation("noop", "rtn", "w8a8", (), _noop, frozenset({"suspicious", "damage"}),
+             "every method returns the float model unchanged"),
+    Mutation("noop", "gptq", "w4a16", GPTQ_CAL, _noop, frozenset({"suspicious", "damage"}),
+             "every method returns the float model unchanged"),
+    Mutation("floor", "rtn", "w8a8", (), _floor, frozenset({"damage"}), "rounding replaced by flooring"),
+    Mutation("float-activations", "rtn", "w8a8", (), _float_activations, frozenset({"damage"}),
+             "QLinear stops quantizing its inputs: W8A16 reported as W8A8"),
+    Mutation("per-tensor-weights", "rtn", "w4a16", (), _per_tensor_weights, frozenset({"damage"}),
+             "one weight scale per tensor instead of per output channel"),
+    Mutation("diagonal-hessian", "gptq", "w4a16", GPTQ_CAL, _diagonal_hessian, frozenset({"vs_rtn"}),
+             "GPTQ's Hessian loses its off-diagonal terms: no error feedback, GPTQ falls back to RTN"),
+    Mutation("no-act-order", "gptq", "w4a16", GPTQ_CAL, _no_act_order, frozenset({"vs_rtn"}),
+             "act_order silently ignored"),
+    Mutation("diagonal-hessian", "gptq", "w8a8", GPTQ_CAL, _diagonal_hessian, frozenset({"vs_rtn"}),
+             "GPTQ's Hessian loses its off-diagonal terms at 8 bits"),
+    Mutation("unit-smoothing", "smoothquant", "w8a8", (("calib_samples", 16),), _unit_smoothing,
+             frozenset({"vs_rtn"}), "smoothing factors all 1: SmoothQuant falls back to RTN"),
+    Mutation("unit-smoothing", "smoothquant", "w4a8", (("calib_samples", 16),), _unit_smoothing,
+             frozenset({"vs_rtn"}), "smoothing factors all 1 at W4A8 (where alpha 0.5 costs, by design)"),
+    Mutation("weights-only-smoothing", "smoothquant", "w8a8", (("calib_samples", 16),), _weights_only_smoothing,
+             frozenset({"vs_rtn"}), "activation maxima ignored: factors from the weights alone"),
+]
+
+
+def _param(m: Mutation):
+    return pytest.param(m, id=f"{m.method}-{m.bits}-{m.name}",
+                        marks=[getattr(pytest.mark, m.method), getattr(pytest.mark, m.bits), pytest.mark.mutation])
+
+
+@pytest.mark.parametrize("mutation", [_param(m) for m in MUTATIONS])
+def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate_metrics, request):
+    cell = make_cell("smollm2-135m", mutation.method, mutation.bits, dict(mutation.settings), DEFAULT)
+    rec = load("track1", "test_cell_gate", cell.id)
+    assert rec is not None, f"no recorded baseline for {cell.id}"
+    twin = None if cell.method == "rtn" else gate_metrics(gates.rtn_twin(cell))["kl"]   # unmutated
+    model, tok = float_models(cell.model)
+    get_method(cell.method)                   # registry loaded before the no-op replaces its entries
+    mutation.apply(monkeypatch)
+    torch.manual_seed(0)
+    broken, _ = build(cell, model, tok)
+    m = float_ref(cell.model, DEFAULT).score(broken)
+    monkeypatch.undo()
+    if twin is not None:
+        m["damage_ratio"] = m["kl"] / twin
+    failures = gates.check_default(cell, m, rec["metrics"])
+    caught = {f.gate for f in failures}
+    print(f"{mutation.name} on {cell.id}: " + ("; ".join(map(str, failures)) or "not caught"))
+    assert caught & mutation.gates, (f"{mutation.why}: not caught by {sorted(mutation.gates)}; "
+                                     f"gates that fired: {sorted(caught) or 'none'}")
