@@ -1,7 +1,10 @@
 """All rounding lives here: quantization specs, integer quantize/dequantize, pure fake_quant, a
 straight-through round for methods that train, and QLinear, the fake-quantized linear layer.
 
-Symmetric b-bit: q in [-2^(b-1), 2^(b-1)-1], scale = max|x| / (2^(b-1)-1), zero = 0.
+Symmetric b-bit: q in [-2^(b-1), 2^(b-1)-1], scale = max|x| / (2^(b-1)-1), zero = 0: code -2^(b-1)
+is never used (15 of 16 levels at 4 bits). With full_grid, scale = max|x| / (2^(b-1) - 1/2), the
+grid of the GPTQ reference code and llm-compressor (scale 2 max|x| / (2^b - 1), zero point 2^(b-1)):
++max|x| rounds to 2^(b-1)-1/2 and is clipped half a step, -max|x| reaches -2^(b-1), every level is used.
 Asymmetric b-bit: q in [0, 2^b-1] over [min(x,0), max(x,0)], scale = range / (2^b-1),
 zero = round(-min / scale), so that 0.0 is exactly representable."""
 from __future__ import annotations
@@ -27,13 +30,15 @@ class QSpec:
     row of an activation: same reduction as "channel", over the last dim), "group" (one per
     `group_size` consecutive elements of the last dim).
     dynamic: scales computed from the tensor at hand (activations), else fixed by calibration.
-    clip_ratio: the range is shrunk by this factor before rounding (1.0: plain min/max)."""
+    clip_ratio: the range is shrunk by this factor before rounding (1.0: plain min/max).
+    full_grid: symmetric grids use all 2^bits levels (see the module docstring)."""
     bits: int
     sym: bool = True
     granularity: str = "channel"
     group_size: int | None = None
     dynamic: bool = True
     clip_ratio: float = 1.0
+    full_grid: bool = False
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
@@ -57,7 +62,8 @@ class QSpec:
 
     def __str__(self) -> str:
         g = f"g{self.group_size}" if self.group_size else self.granularity
-        return f"int{self.bits}/{'sym' if self.sym else 'asym'}/{g}{'' if self.dynamic else '/static'}"
+        kind = ("sym-full" if self.full_grid else "sym") if self.sym else "asym"
+        return f"int{self.bits}/{kind}/{g}{'' if self.dynamic else '/static'}"
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
@@ -89,7 +95,7 @@ def qparams(x: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
     xg = _grouped(x, spec)
     if spec.sym:
         amax = xg.abs().amax(-1, keepdim=True) * spec.clip_ratio
-        scale = amax / spec.qmax
+        scale = amax / (spec.qmax + 0.5 if spec.full_grid else spec.qmax)
         zero = torch.zeros_like(scale)
     else:
         xmin = xg.amin(-1, keepdim=True).clamp(max=0) * spec.clip_ratio    # widened to include 0

@@ -91,11 +91,17 @@ class BaselineExtension(JSONSnapshotExtension):
         """This extension with relative bands for some metrics (a cell's measured bands)."""
         return type("BandedBaseline", (cls,), {"tol": {**TOL, **{k: ("rel", v) for k, v in bands.items()}}})
 
+    subdir = ""
+
+    @classmethod
+    def with_subdir(cls, subdir: str) -> type["BaselineExtension"]:
+        """This extension reading and writing one folder deeper (track 2: the kernel path)."""
+        return type("SubdirBaseline", (cls,), {"subdir": subdir})
+
     @classmethod
     def dirname(cls, *, test_location) -> str:
         track = next((p.split("_")[0] for p in Path(test_location.filepath).parts if p.startswith("track")), "core")
-        sub = getattr(test_location, "slmquant_subdir", "")
-        return str(ROOT / "baselines" / device_class() / track / test_location.methodname / sub)
+        return str(ROOT / "baselines" / device_class() / track / test_location.methodname / cls.subdir)
 
     @classmethod
     def get_snapshot_name(cls, *, test_location, index=0) -> str:

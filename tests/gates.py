@@ -109,6 +109,37 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
 }
 
 
+# Slow-tier cells with no recorded baseline, per test, with what recording one costs on a 2-core
+# CPU ("*": every cell of the test without a file). Such a cell still runs its gates; its snapshot
+# comparison is reported as skipped, "not recorded", never passed. Record with
+# `pytest --runslow -p no:randomly 'TEST[CELL]' --snapshot-update`, then remove the entry.
+NOT_RECORDED: dict[str, dict[str, str]] = {
+    "test_cell_quick_profile": {
+        "qwen2-gptq-w4a8-calib_seqlen=512-sym=False": "about 50 min (GPTQ build, 40 x 2048 scoring)",
+        "qwen2-smoothquant-w4a8-alpha_search=True-calib_samples=32-calib_seqlen=2048-weights=gptq":
+            "about 60 min (alpha search and GPTQ build, 40 x 2048 scoring)",
+    },
+    "test_task_cell_pr_gate": {
+        "*": "the cell's build, then 5 tasks x 120 items: about 5 min a SmolLM2 cell, 20 min a Qwen cell"},
+    "test_track2_cell": {"*": "the cell's build, then about 2 min (SmolLM2) or 6 min (Qwen) of timing"},
+    "test_track3_cell": {"*": "one build from scratch: SmolLM2 1-25 min, Qwen 5-60 min per cell"},
+}
+
+
+def compare_or_skip(request, cell: Cell, doc: dict, baseline) -> None:
+    """The snapshot comparison of a slow-tier test, or a skip that says the baseline was never
+    recorded (listed in NOT_RECORDED) and what recording it costs."""
+    import pytest
+
+    from tests.baseline import recorded
+    test = request.node.originalname
+    listed = NOT_RECORDED.get(test, {})
+    cost = listed.get(cell.id, listed.get("*"))
+    if cost and not request.config.option.update_snapshots and recorded(baseline) is None:
+        pytest.skip(f"not recorded: no baseline for {cell.id} in {test} (recording costs {cost})")
+    assert doc == baseline
+
+
 # Quick-profile tier (first 40 windows of 2048; calibration 32 x 2048, GPTQ 128 x 512): RTN's
 # ppl_ratio measured with `scripts/quick_table.py`, keyed by (model, scheme, weight setting).
 # Ceilings: +1.5 points at W8, +6% at W4, as in the default tier. Models or settings not measured

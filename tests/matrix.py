@@ -33,6 +33,8 @@ DEFAULT = Tier("default", ("smollm2-135m",), 512, 16, (("calib_samples", 16), ("
                exclude=(("gptq", "w4a8", {"sym": False}), ("gptq", "w4a16", {"sym": False}),
                         ("smoothquant", "w4a8", {"alpha_search": True}),
                         ("smoothquant", "w4a8", {"alpha_search": True, "weights": "gptq"})))
+# Short windows for checks that hold several models' logits at once (track 2: real against fake).
+SHORT = Tier("short", DEFAULT.models, 256, 4, DEFAULT.calib, True)
 # Track 1 tasks on tiny random models (default tier): every suite row quantizes a 2-layer llama in
 # about a second; the group-64 rows do not divide its 160-wide MLP and run on the real models only.
 TINY = Tier("tiny", ("tiny:llama",), 128, 2, (("calib_samples", 4), ("calib_seqlen", 128)), False,

@@ -24,12 +24,15 @@ class QuantConfig:
 
     w_bits / a_bits: weight and activation bits (16: left in floating point).
     group_size: weights quantized per group of this many input channels; None = per output channel.
-    sym: symmetric weights (else asymmetric with a zero point). a_sym: symmetric activations."""
+    sym: symmetric weights (else asymmetric with a zero point). a_sym: symmetric activations.
+    full_grid: symmetric weights on all 2^bits levels (scale max|w| / (2^(b-1) - 1/2), the GPTQ
+    reference's grid) instead of 2^bits - 1 (scale max|w| / (2^(b-1) - 1)); see slmquant.quant."""
     w_bits: int = 8
     a_bits: int = 8
     group_size: int | None = None
     sym: bool = True
     a_sym: bool = True
+    full_grid: bool = False
 
     def __post_init__(self):
         if not (2 <= self.w_bits <= 8 or self.w_bits == 16):
@@ -47,7 +50,8 @@ class QuantConfig:
     def w_spec(self) -> QSpec | None:
         if self.w_bits == 16:
             return None
-        return QSpec(self.w_bits, self.sym, "group" if self.group_size else "channel", self.group_size)
+        return QSpec(self.w_bits, self.sym, "group" if self.group_size else "channel", self.group_size,
+                     full_grid=self.full_grid and self.sym)
 
     @property
     def a_spec(self) -> QSpec | None:

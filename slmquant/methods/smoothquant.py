@@ -175,6 +175,7 @@ def smoothquant(model: nn.Module, calib: torch.Tensor, cfg: SmoothQuantConfig) -
         smooth_(model, act_max, cfg.alpha, cfg.smooth_vo)
     if cfg.weights == "gptq":
         gcfg = GPTQConfig(w_bits=cfg.w_bits, a_bits=cfg.a_bits, group_size=cfg.group_size, sym=cfg.sym,
+                          full_grid=cfg.full_grid,
                           a_sym=cfg.a_sym, calib_samples=cfg.calib_samples, calib_seqlen=cfg.calib_seqlen,
                           seed=cfg.seed)
         gptq_(model, calib, gcfg, cfg.a_spec)

@@ -42,4 +42,4 @@ def test_cell_quick_profile(cell, float_models, quantized, baseline, request):
     failures = gates.check(cell, metrics, gates.quick_gates(cell))
     gates.report(request, failures)
     gates.expect(cell, failures, {"quick_ppl"})
-    assert {"metrics": metrics, "source": fmodel.slmquant_source.ref} == baseline
+    gates.compare_or_skip(request, cell, {"metrics": metrics, "source": fmodel.slmquant_source.ref}, baseline)

@@ -132,3 +132,22 @@ def test_qlinear_matches_a_hand_written_reference():
     assert torch.allclose(q(x), X @ W.T + lin.bias)
     assert "W=int4/sym/channel" in repr(q) and "A=int8/sym/token" in repr(q)
     assert torch.equal(QLinear.from_linear(lin, None, None)(x), lin(x))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_full_grid_uses_every_level_as_the_gptq_reference_does(bits):
+    """full_grid: scale 2 max|x| / (2^b - 1) and codes -2^(b-1)..2^(b-1)-1, as the GPTQ reference's
+    quantizer (zero point 2^(b-1) on unsigned codes), written out here by hand."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g, dtype=torch.float64)
+    spec = QSpec(bits, True, "channel", full_grid=True)
+    amax = x.abs().amax(-1, keepdim=True)
+    ref_scale = 2 * amax / (2**bits - 1)
+    ref = (torch.clamp(torch.round(x / ref_scale) + 2 ** (bits - 1), 0, 2**bits - 1) - 2 ** (bits - 1)) * ref_scale
+    assert torch.allclose(fake_quant(x, spec), ref, rtol=0, atol=1e-12)
+    q, _, _ = quantize(x, spec)
+    assert (int(q.min()), int(q.max())) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)           # both ends
+    q_std, _, _ = quantize(x, QSpec(bits, True, "channel"))
+    assert int(q_std.min()) == -(2 ** (bits - 1)) + 1                                          # one unused
+    # the error bound: half a step, except +max|x| clipped by exactly half a step
+    assert float((fake_quant(x, spec) - x).abs().max() / ref_scale.max()) <= 0.5 + 1e-9

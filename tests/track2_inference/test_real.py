@@ -120,7 +120,9 @@ def _cells():
     return [("rtn", "w8a8", {}), ("rtn", "w4a8", {"sym": False}), ("rtn", "w4a16", {"group_size": 32}),
             ("gptq", "w4a8", {"calib_samples": 2, "calib_seqlen": 64}),
             ("gptq", "w4a16", {"group_size": 16, "static_groups": False, "calib_samples": 2, "calib_seqlen": 64}),
-            ("smoothquant", "w8a8", {"calib_samples": 2, "calib_seqlen": 64})]
+            ("smoothquant", "w8a8", {"calib_samples": 2, "calib_seqlen": 64}),
+            ("rtn", "w8a8", {"full_grid": True}),
+            ("gptq", "w4a8", {"full_grid": True, "calib_samples": 2, "calib_seqlen": 64})]
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
@@ -207,3 +209,15 @@ def test_int8_head_paths_agree():
     assert kernel_paths(real)[f"lm_head_{head.path}"] == 1
     with pytest.raises(SlmquantError, match="LM head path"):
         Int8TiedHead(head.emb[0], "fp8")
+
+
+@pytest.mark.parametrize("bits", ["w4a16", "w8a8"])
+def test_full_grid_weights_recover_their_lowest_code(bits):
+    """Weights on the full symmetric grid (code -2^(b-1) used) recover exactly into integer codes;
+    the real models of such cells run in test_real_model_matches_its_fake_quantized_cell."""
+    model, _ = tiny_model("llama")
+    q = quantize(model, "rtn", make_config("rtn", bits, {"full_grid": True}))
+    lin = q.model.layers[0].mlp.down_proj
+    u, scale, zero = grid_of(lin.weight, lin.w_spec)
+    assert int(u.min()) == 0 and int((u == 0).sum()) >= 1
+    assert torch.allclose((u.double() - zero) * scale, lin.weight.double(), rtol=0, atol=1e-7)
