@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 import transformers
 from filelock import FileLock, Timeout
-from safetensors.torch import load_model as st_load_model
-from safetensors.torch import save_model as st_save_model
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file as st_save_file
 
-from . import cost, data
+from . import codes, cost, data
 from .arch import set_submodule
 from .errors import SlmquantError
 from .methods import CalibConfig, QuantConfig, get_method
@@ -101,7 +101,7 @@ class CellCache:
                 return (*loaded, False)
             model, record = build(cell, float_model, tok)
             if self.make_room(_state_bytes(model), keep=key):
-                self._save(key, model, record)
+                self._save(key, model, record, float_model)
             else:
                 warnings.warn(f"cell {cell.id} is not cached: {self.root} has "
                               f"{shutil.disk_usage(self.root).free / 2**30:.1f} GiB free, under the "
@@ -170,12 +170,13 @@ class CellCache:
         except (OSError, ValueError, KeyError):
             return None
 
-    def _save(self, key: str, model: nn.Module, record: dict) -> None:
+    def _save(self, key: str, model: nn.Module, record: dict, float_model: nn.Module) -> None:
         weights, meta = self.paths(key)
         tmp = weights.with_suffix(f".tmp{os.getpid()}")
-        st_save_model(model, str(tmp))
-        modules = {n: m.meta() for n, m in model.named_modules() if type(m).__name__ in MODULE_TYPES}
-        entry = {"record": record, "modules": modules, "sha256": _sha256(tmp), "size": tmp.stat().st_size}
+        tensors, modules = cell_tensors(model, float_model)
+        st_save_file(tensors, str(tmp))
+        entry = {"format": FORMAT, "record": record, "modules": modules, "sha256": _sha256(tmp),
+                 "size": tmp.stat().st_size}
         os.replace(tmp, weights)
         tmp_meta = meta.with_suffix(f".tmp{os.getpid()}")
         tmp_meta.write_text(json.dumps(entry, indent=1, default=str))
@@ -187,18 +188,86 @@ class CellCache:
             return None
         try:
             entry = json.loads(meta.read_text())
+            if entry.get("format") != FORMAT:
+                raise ValueError("older cache format")
             if weights.stat().st_size != entry["size"] or _sha256(weights) != entry["sha256"]:
                 raise ValueError("checksum mismatch")
-            model = copy.deepcopy(float_model)
-            dtype, device = float_model.dtype, next(float_model.parameters()).device
-            for name, m in entry["modules"].items():
-                set_submodule(model, name, MODULE_TYPES[m["type"]].from_meta(m, dtype=dtype, device=device))
-            st_load_model(model, str(weights), strict=True, device=str(device))
-        except (ValueError, KeyError, OSError, RuntimeError):
+            device = next(float_model.parameters()).device
+            model = apply_cell_tensors(float_model, st_load_file(str(weights), device=str(device)), entry["modules"])
+        except (ValueError, KeyError, OSError, RuntimeError, SlmquantError):
             weights.unlink(missing_ok=True)   # corrupt or stale: rebuilt by the caller, never trusted
             meta.unlink(missing_ok=True)
             return None
         return model, entry["record"]
+
+
+FORMAT = 2      # 2: QLinear weights as codes + per-group value tables; only tensors that differ from float
+
+
+@torch.no_grad()
+def cell_tensors(model: nn.Module, float_model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """What a cell stores: each installed module's meta and its weights as integer codes with the
+    value of each code per group (exact, slmquant.codes; raw where not on a grid), its bias and
+    group index, and every other tensor that differs from the float model's. Tensors the float
+    model already has unchanged (embeddings, the LM head, untouched norms) are not stored."""
+    tensors, modules = {}, {}
+    for name, m in model.named_modules():
+        if type(m).__name__ not in MODULE_TYPES:
+            continue
+        modules[name] = meta = m.meta()
+        try:
+            enc = codes.encode(m.weight, m.w_spec, m.g_idx) if m.w_spec is not None else None
+        except SlmquantError:
+            enc = None
+        if enc is not None:
+            meta["encoded"] = True
+            tensors.update({f"{name}.weight.{k}": v for k, v in enc.items()})
+        else:
+            tensors[f"{name}.weight"] = m.weight.detach().clone()
+        for b in ("bias", "g_idx"):
+            if getattr(m, b, None) is not None:
+                tensors[f"{name}.{b}"] = getattr(m, b).detach().clone()
+    ref = float_model.state_dict()
+    for k, v in model.state_dict().items():
+        if k.rsplit(".", 1)[0] in modules:
+            continue
+        if k in ref and ref[k].shape == v.shape and torch.equal(ref[k], v):
+            continue
+        tensors[k] = v.detach().clone()
+    return {k: v.contiguous() for k, v in tensors.items()}, modules
+
+
+@torch.no_grad()
+def apply_cell_tensors(float_model: nn.Module, tensors: dict[str, torch.Tensor], modules: dict[str, dict]) -> nn.Module:
+    """A copy of the float model with a cell's stored modules and tensors put in; every stored
+    tensor must be used."""
+    model = copy.deepcopy(float_model)
+    dtype, device = float_model.dtype, next(float_model.parameters()).device
+    used = set()
+    for name, meta in modules.items():
+        m = MODULE_TYPES[meta["type"]].from_meta(meta, dtype=dtype, device=device)
+        if m.g_idx is not None:
+            m.g_idx.copy_(tensors[f"{name}.g_idx"])
+            used.add(f"{name}.g_idx")
+        if meta.get("encoded"):
+            prefix = f"{name}.weight."
+            enc = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            m.weight.copy_(codes.decode(enc, m.w_spec, m.in_features, m.g_idx, dtype))
+            used.update(prefix + k for k in enc)
+        else:
+            m.weight.copy_(tensors[f"{name}.weight"])
+            used.add(f"{name}.weight")
+        if m.bias is not None:
+            m.bias.copy_(tensors[f"{name}.bias"])
+            used.add(f"{name}.bias")
+        set_submodule(model, name, m)
+    rest = {k: v for k, v in tensors.items() if k not in used}
+    state = model.state_dict()
+    for k, v in rest.items():
+        if k not in state or state[k].shape != v.shape:
+            raise SlmquantError(f"cell tensor {k} does not fit the model")
+        state[k].copy_(v)
+    return model
 
 
 def _reserve_bytes() -> int:

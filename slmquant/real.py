@@ -2,10 +2,9 @@
 stores its weights as integers (int8; 4-bit codes packed two a byte) with float32 scales and
 integer zero points, and computes through an integer kernel where one exists.
 
-A cell's QLinear keeps its weights dequantized, on the grid of its weight spec. `grid_of` recovers
-the integer codes from those values exactly (it searches the scale for which every value of a row
-or group is an integer multiple, within the spec's range) and refuses weights that are not on such
-a grid, so nothing is rounded twice and a real model computes what its fake-quantized cell computes.
+A cell's QLinear keeps its weights dequantized, on the grid of its weight spec. `codes.grid_of`
+recovers the integer codes from those values exactly and refuses weights that are not on such a
+grid, so nothing is rounded twice and a real model computes what its fake-quantized cell computes.
 
 Kernels, recorded per module (`RealLinear.kernel`) and per model (`kernel_paths`):
 - "onednn_u8s8" / "onednn_u7x2" (CPU, symmetric 8-bit activations): oneDNN's int8 matmul
@@ -28,12 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .codes import grid_of, pack4, unpack4
 from .errors import SlmquantError
 from .quant import QLinear, QSpec, fake_quant
 from .quant import quantize as int_quantize
 
 KERNELS = ("onednn_u8s8", "onednn_u7x2", "int_mm", "dequant")
-GRID_RTOL = 1e-3           # |W / s - round(W / s)| allowed when recovering a grid (float32 products)
 
 
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
@@ -55,74 +54,6 @@ def _has_vnni() -> bool:
     torch's capability string says only "AVX512" on a VNNI CPU, so /proc/cpuinfo's flags decide first."""
     cap = torch.backends.cpu.get_cpu_capability().upper()
     return bool(_cpu_flags() & VNNI_FLAGS) or "VNNI" in cap or "AMX" in cap
-
-
-def _groups(W: torch.Tensor, spec: QSpec) -> torch.Tensor:
-    """(out, n_groups, group width) view of a weight for the spec's granularity."""
-    if spec.granularity == "group":
-        if W.shape[1] % spec.group_size:
-            raise SlmquantError(f"group_size {spec.group_size} does not divide the width {W.shape[1]}")
-        return W.reshape(W.shape[0], -1, spec.group_size)
-    if spec.granularity in ("channel", "token"):
-        return W.unsqueeze(1)
-    raise SlmquantError(f"weights on a per-{spec.granularity} grid are not supported by real models")
-
-
-@torch.no_grad()
-def grid_of(W: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes u (uint8, W's shape, in [0, 2^bits - 1]), scale (float32, (out, n_groups)) and zero
-    (int16, (out, n_groups)) with W == (u - zero) * scale, for a weight already on a `spec` grid.
-
-    The step of a row or group is span / k (span: max |W| for symmetric grids, max - min for
-    asymmetric ones) for the quantizer's own k when the extreme code is used (RTN), else for the
-    first k in 1..2^bits - 1 that makes every value an integer number of steps: a multiple of the
-    quantizer's step that represents the same values exactly (GPTQ may leave extreme codes unused)."""
-    Wg = _groups(W.detach().to(torch.float64), spec)
-    levels = 2 ** spec.bits - 1
-    lo = Wg.amin(-1, keepdim=True)
-    span = Wg.abs().amax(-1, keepdim=True) if spec.sym else Wg.amax(-1, keepdim=True) - lo
-    flat = span == 0                                   # an all-constant group: one step of |value|
-    scale = torch.where(flat, torch.where(lo.abs() > 0, lo.abs(), torch.ones_like(lo)), torch.zeros_like(lo))
-
-    def integral(vals, s):
-        r = vals / s
-        return ((r - r.round()).abs() <= GRID_RTOL).all(-1, keepdim=True)
-
-    first = spec.qmax if spec.sym else levels
-    s = torch.where(flat, torch.ones_like(span), span / first)
-    scale = torch.where(~flat & integral(Wg, s), s, scale)
-    todo = (scale == 0).squeeze(-1)
-    if todo.any():
-        sub, sub_span, found = Wg[todo], span[todo], torch.zeros_like(span[todo])
-        for k in range(1, levels + 1):
-            s = sub_span / k
-            found = torch.where((found == 0) & integral(sub, s), s, found)
-            if (found > 0).all():
-                break
-        scale[todo] = found
-    if (scale == 0).any():
-        raise SlmquantError(f"{int((scale == 0).sum())} weight group(s) are not on a {spec} grid: "
-                            "not a quantized weight")
-    steps = (Wg / scale).round()
-    zero = torch.full_like(lo, 2 ** (spec.bits - 1)) if spec.sym else -steps.amin(-1, keepdim=True)
-    u = steps + zero
-    if u.min() < 0 or u.max() > levels:
-        raise SlmquantError(f"recovered codes outside 0..{levels}: not a {spec} grid")
-    back = ((u - zero) * scale).reshape(W.shape)
-    if not torch.allclose(back, W.double(), rtol=0, atol=1e-6 * float(W.abs().max().clamp(min=1e-30))):
-        raise SlmquantError(f"weights do not reproduce from the recovered {spec} grid")
-    return u.reshape(W.shape).to(torch.uint8), scale.squeeze(-1).float(), zero.squeeze(-1).to(torch.int16)
-
-
-def pack4(u: torch.Tensor) -> torch.Tensor:
-    """uint8 codes in 0..15, (out, in) with in even -> (out, in / 2): low nibble first."""
-    if u.shape[-1] % 2:
-        raise SlmquantError(f"4-bit packing needs an even width, got {u.shape[-1]}")
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
-
-
-def unpack4(p: torch.Tensor) -> torch.Tensor:
-    return torch.stack((p & 0x0F, p >> 4), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
 
 
 class RealLinear(nn.Module):

@@ -12,7 +12,7 @@ from slmquant.methods import make_config, quantize
 from slmquant.methods.gptq import gptq_weight
 from slmquant.models import SUPPORTED_ARCHS, tiny_model
 from slmquant.quant import QSpec, fake_quant, qparams
-from slmquant.real import grid_of
+from slmquant.codes import grid_of
 
 # GPTQ's unit and equivalence tests guard every GPTQ cell: selected by `-m <bits>` and by the method's marker
 pytestmark = [pytest.mark.gptq, pytest.mark.w8a8, pytest.mark.w4a8, pytest.mark.w4a16]

@@ -14,8 +14,8 @@ from slmquant.errors import SlmquantError
 from slmquant.methods import make_config, quantize
 from slmquant.models import SUPPORTED_ARCHS, tiny_model
 from slmquant.quant import QLinear, QSpec, fake_quant
-from slmquant.real import (RealLinear, _has_vnni, grid_of, kernel_paths, load_real, pack4, save_real, storage, to_real,
-                           unpack4)
+from slmquant.codes import grid_of, pack4, unpack4
+from slmquant.real import RealLinear, _has_vnni, kernel_paths, load_real, save_real, storage, to_real
 
 # integer kernels, exact against the fake-quantized layers of every method: selected by `-m <bits>`
 pytestmark = [pytest.mark.w8a8, pytest.mark.w4a8, pytest.mark.w4a16]
