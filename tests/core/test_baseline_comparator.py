@@ -87,3 +87,64 @@ def test_cell_bands_replace_the_default_tolerance():
     assert ext.matches(serialized_data=json.dumps({"kl": 0.1029}), snapshot_data=stored)
     assert not ext.matches(serialized_data=json.dumps({"kl": 0.1031}), snapshot_data=stored)
     assert BaselineExtension.tol["kl"] != ("rel", 0.03)                 # the class itself is unchanged
+
+
+def test_slow_tier_cells_are_recorded_or_listed_as_not_recorded():
+    """Every quick-profile cell has its baseline, or is listed in NOT_RECORDED with its cost; a
+    listed cell that has a baseline must leave the list."""
+    from tests import gates
+    from tests.baseline import ROOT as BROOT
+    from tests.baseline import device_class
+    from tests.matrix import QUICK, cases
+    folder = BROOT / "baselines" / device_class() / "track1" / "test_cell_quick_profile"
+    listed = gates.NOT_RECORDED["test_cell_quick_profile"]
+    for p in cases(QUICK):
+        cid = p.values[0].id
+        assert (folder / f"{cid}.json").exists() != (cid in listed), cid
+    assert all(cost for entries in gates.NOT_RECORDED.values() for cost in entries.values())
+
+
+def _gate_cell(method="gptq", bits="w4a16"):
+    from slmquant.cells import Cell
+    from slmquant.methods import make_config
+    return Cell("smollm2-135m", method, make_config(method, bits, {"calib_samples": 16, "calib_seqlen": 512}))
+
+
+def test_each_gate_reports_its_own_statistic(monkeypatch):
+    from tests import gates
+    cell = _gate_cell()
+    monkeypatch.setitem(gates.SPREAD, cell.id, {"kl": 0.02, "damage_ratio": 0.02, "ppl_ratio": 0.001})
+    rec = {"kl": 0.5, "damage_ratio": 0.6, "ppl_ratio": 1.6}
+    assert gates.check_default(cell, dict(rec), rec) == []
+    moved = gates.check_default(cell, {**rec, "kl": 0.53}, rec)               # +6% > band 4%
+    assert [f.gate for f in moved] == ["damage"] and "+6.0%" in str(moved[0]) and "band +-4.0%" in str(moved[0])
+    to_rtn = gates.check_default(cell, {**rec, "damage_ratio": 0.99}, rec)
+    assert {f.gate for f in to_rtn} == {"vs_rtn"} and len(to_rtn) == 2       # the band, and must beat RTN
+    noop = gates.check_default(cell, {"kl": 0.0, "damage_ratio": 0.0, "ppl_ratio": 1.0}, rec)
+    assert {f.gate for f in noop} >= {"suspicious", "damage"}
+    assert [f.gate for f in gates.check_default(_gate_cell("rtn", "w8a8"), {"kl": 0.1, "ppl_ratio": 1.0}, None)] == ["band"]
+
+
+def test_known_failures_excuse_one_gate_only(monkeypatch):
+    import pytest as pt
+
+    from tests import gates
+    cell = _gate_cell()
+    f = gates.GateFailure(cell.id, "ppl", "ppl_ratio", 1.7, 1.6, 0.01)
+    monkeypatch.setitem(gates.KNOWN_FAILURES, ("ppl", cell.id), "known")
+    with pt.raises(pt.xfail.Exception):
+        gates.expect(cell, [f], {"ppl", "damage"})
+    with pt.raises(AssertionError, match="damage"):
+        gates.expect(cell, [f, gates.GateFailure(cell.id, "damage", "kl", 1, 0.5, 0.01)], {"ppl", "damage"})
+    with pt.raises(AssertionError, match="now passes its ppl gate"):
+        gates.expect(cell, [], {"ppl", "damage"})
+    gates.expect(cell, [], {"damage"})                 # a gate this test does not evaluate: not stale
+
+
+def test_rtn_twin_keeps_bits_and_weight_setting():
+    from tests import gates
+    cell = _gate_cell("gptq", "w4a16")
+    twin = gates.rtn_twin(cell)
+    assert twin.method == "rtn" and twin.cfg.scheme == "w4a16" and twin.id == "smollm2-rtn-w4a16"
+    assert gates.rtn_twin_id("smollm2-gptq-w4a16-calib_samples=16-calib_seqlen=512-group_size=64") == \
+        "smollm2-rtn-w4a16-group_size=64"

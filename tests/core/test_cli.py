@@ -12,11 +12,12 @@ def _run(*args):
 
 
 def test_models_and_data_print_json_last():
-    for cmd in (["models", "--json"], ["data", "--json"]):
-        p = _run(*cmd)
+    out = {}
+    for cmd in ("models", "data"):
+        p = _run(cmd, "--json")
         assert p.returncode == 0, p.stderr
-        obj = json.loads(p.stdout.strip().splitlines()[-1])
-        assert obj
+        out[cmd] = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["data"]["files"] > 100 and out["data"]["ok"] == out["data"]["files"]      # every checksum
     assert {m["alias"] for m in json.loads(_run("models", "--json").stdout.splitlines()[-1])["models"]} == {
         "smollm2-135m", "qwen2.5-0.5b"}
 

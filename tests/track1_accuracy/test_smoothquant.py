@@ -49,11 +49,27 @@ def test_smoothing_flattens_outlier_channels():
     assert after.max() / after.median() < before.max() / before.median()
 
 
-def test_smoothquant_runs_end_to_end_on_a_tiny_model():
+def test_smoothquant_is_smoothing_then_rtn_end_to_end():
+    """The registered method equals its two steps done by hand (smooth with the calibration maxima,
+    then round-to-nearest), and differs from RTN alone: the smoothing reached the quantized model."""
+    import copy
+
+    from slmquant.methods.rtn import rtn
     model, tok = tiny_model("qwen2", seed=0)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[3] += 20.0           # an outlier channel
+    calib = torch.randint(0, 5000, (2, 16))
     cfg = make_config("smoothquant", "w8a8", {"calib_samples": 2, "calib_seqlen": 16})
-    quantize(model, "smoothquant", cfg, calib=torch.randint(0, 5000, (2, 16)))
-    assert "A=int8/sym/token" in repr(model.model.layers[0].self_attn.q_proj)
+    sq = quantize(copy.deepcopy(model), "smoothquant", cfg, calib=calib)
+    ref = copy.deepcopy(model)
+    smooth_(ref, collect_act_max(ref, calib, progress=False), cfg.alpha)
+    rtn(ref, None, cfg)
+    plain = quantize(copy.deepcopy(model), "rtn", make_config("rtn", "w8a8"))
+    ids = torch.randint(0, 5000, (1, 24))
+    with torch.no_grad():
+        out = sq(ids).logits
+        assert torch.equal(out, ref(ids).logits)
+        assert not torch.allclose(out, plain(ids).logits, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
