@@ -13,8 +13,9 @@ what they vary:
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m tests.spread --out results/spread/avx2.json
     python -m tests.spread --table results/spread/*.json                   # the docs table
 
-The table reads every run's cells, computes each statistic's spread (max - min over the runs,
-relative to the base run) and the damage ratio to RTN with the same settings."""
+The table reads every run's cells and computes, per statistic, its largest relative deviation from
+the base run over the other runs, the band tests/gates.py derives from it, and the damage ratio to
+RTN with the same settings; `--table ... --literal` prints the SPREAD table that gates.py holds."""
 from __future__ import annotations
 
 import argparse
@@ -76,31 +77,60 @@ def _prefix(cell: dict, n: int) -> tuple[float, float]:
     return kl, ppl / fppl
 
 
-def table(paths: list[Path], windows: int | None = None) -> str:
-    """Markdown: per cell, KL and its relative spread over the runs, the ppl ratio's, and the damage
-    ratio to RTN (KL of the cell / KL of RTN with the same weight setting, same run) with its spread."""
+def spreads(paths: list[Path], windows: int | None = None) -> dict[str, dict]:
+    """Per cell of the first run (the base): each statistic's base value and its largest relative
+    deviation from it over the other runs ("dev"), and how many runs saw the cell."""
     from tests.gates import rtn_twin_id
-    runs = {p.stem: json.loads(p.read_text()) for p in paths}
-    base = next(iter(runs))
-    rows = ["| cell | KL (base) | KL spread | ppl ratio (base) | ppl ratio spread | KL / RTN's (base) | "
-            "its spread | runs |", "|---|---|---|---|---|---|---|---|"]
-    for cid in runs[base]["cells"]:
-        kls, ratios, dmg = [], [], []
-        for doc in runs.values():
+    runs = [json.loads(p.read_text()) for p in paths]
+    out = {}
+    for cid in runs[0]["cells"]:
+        vals: dict[str, list[float]] = {"kl": [], "ppl_ratio": [], "damage_ratio": []}
+        for doc in runs:
             c = doc["cells"].get(cid)
             if c is None:
                 continue
             n = windows or c["n_windows"]
             kl, pr = _prefix(c, n)
-            kls.append(kl)
-            ratios.append(pr)
+            vals["kl"].append(kl)
+            vals["ppl_ratio"].append(pr)
             twin = doc["cells"].get(rtn_twin_id(cid))
-            if twin is not None:
-                dmg.append(kl / _prefix(twin, n)[0])
-        spread = lambda xs: (max(xs) - min(xs)) / xs[0] if len(xs) > 1 else float("nan")
-        rows.append(f"| {cid} | {kls[0]:.5f} | {spread(kls):.1%} | {ratios[0]:.4f} | {spread(ratios):.1%} | "
-                    + (f"{dmg[0]:.3f} | {spread(dmg):.1%} |" if dmg else "- | - |") + f" {len(kls)} |")
+            if twin is not None and twin is not c:
+                vals["damage_ratio"].append(kl / _prefix(twin, n)[0])
+        out[cid] = {"runs": len(vals["kl"])}
+        for k, xs in vals.items():
+            if xs:
+                out[cid][k] = {"base": xs[0], "dev": max(abs(x / xs[0] - 1) for x in xs)}
+    return out
+
+
+def table(paths: list[Path], windows: int | None = None) -> str:
+    """Markdown: per cell, each gated statistic's base value, its measured deviation over the runs,
+    the band tests/gates.py sets from it, and whether the vs-RTN gate can tell the method from RTN."""
+    from tests.gates import BAND_FACTOR, BAND_FLOOR
+    band = lambda k, dev: max(BAND_FACTOR * dev, BAND_FLOOR[k])
+    rows = ["| cell | KL | dev | band | ppl ratio | dev | band | KL / RTN's | dev | band | vs RTN |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for cid, s in spreads(paths, windows).items():
+        kl, pr, dr = s["kl"], s["ppl_ratio"], s.get("damage_ratio")
+        row = (f"| {cid} | {kl['base']:.4f} | {kl['dev']:.1%} | {band('kl', kl['dev']):.1%} | {pr['base']:.4f} | "
+               f"{pr['dev']:.2%} | {band('ppl_ratio', pr['dev']):.2%} |")
+        if dr:
+            b = band("damage_ratio", dr["dev"])
+            tell = "yes" if abs(dr["base"] - 1) > b else "**no**: inside the noise"
+            row += f" {dr['base']:.3f} | {dr['dev']:.1%} | {b:.1%} | {tell} |"
+        else:
+            row += " (RTN) | | | |"
+        rows.append(row)
     return "\n".join(rows)
+
+
+def spread_literal(paths: list[Path]) -> str:
+    """The SPREAD table of tests/gates.py for these runs."""
+    lines = ["SPREAD: dict[str, dict[str, float]] = {"]
+    for cid, s in spreads(paths).items():
+        devs = ", ".join(f'"{k}": {s[k]["dev"]:.4f}' for k in ("kl", "damage_ratio", "ppl_ratio") if k in s)
+        lines.append(f'    "{cid}": {{{devs}}},')
+    return "\n".join(lines + ["}"])
 
 
 def main(argv=None) -> int:
@@ -111,9 +141,10 @@ def main(argv=None) -> int:
     ap.add_argument("-k", dest="select", default=None, help="only cells whose id contains this")
     ap.add_argument("--table", nargs="+", type=Path, help="print the spread table of these runs (first: base)")
     ap.add_argument("--windows", type=int, default=None, help="table over the first N windows only")
+    ap.add_argument("--literal", action="store_true", help="with --table: print tests/gates.py's SPREAD instead")
     a = ap.parse_args(argv)
     if a.table:
-        print(table(a.table, a.windows))
+        print(spread_literal(a.table) if a.literal else table(a.table, a.windows))
         return 0
     if not a.out:
         ap.error("--out or --table is required")
