@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from slmquant import evaluate
 from slmquant.cells import Cell
 
@@ -210,6 +212,16 @@ class FloatReference:
         return {"kl": r.extra["kl"], "ppl": r.ppl, "ppl_ratio": r.ppl / self.result.ppl,
                 "window_kl": r.extra["window_kl"], "window_nll": r.window_nll,
                 "float_window_nll": self.result.window_nll, "seqlen": self.tier.seqlen, "n_windows": r.n_windows}
+
+
+@torch.no_grad()
+def window_kl(reference, model, tokens, seqlen: int) -> float:
+    """KL(reference || model) per position on the first window of `seqlen` tokens (no stored logits)."""
+    import torch.nn.functional as F
+    ids = tokens[:seqlen][None].to(next(model.parameters()).device)
+    p = reference(ids, use_cache=False).logits.float().log_softmax(-1)
+    q = model(ids, use_cache=False).logits.float().log_softmax(-1)
+    return F.kl_div(q[0], p[0], log_target=True, reduction="sum").item() / seqlen
 
 
 def rtn_twin(cell: Cell) -> Cell:
