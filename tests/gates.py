@@ -198,8 +198,10 @@ class FloatReference:
     (float16: 0.8 GB for 16 x 512 SmolLM2 positions; the rounding moves a cell's KL by under 0.1%,
     the same in the baseline and in every run), and the scoring of a quantized model against them."""
 
-    def __init__(self, model, tok, tier):
-        self.tier, self.tokens = tier, evaluate.wikitext2_tokens(tok)
+    def __init__(self, model, tok, tier, start: int = 0):
+        """start: the first token of the windows (e.g. 40 x 2048 for windows held out from the quick
+        profile's judged subset)."""
+        self.tier, self.tokens = tier, evaluate.wikitext2_tokens(tok)[start:]
         self.logprobs = {i: lg[0].log_softmax(-1).half() for i, _, lg in
                          evaluate.window_logits(model, self.tokens, tier.seqlen, range(tier.windows))}
         self.result = evaluate.perplexity(model, self.tokens, seqlen=tier.seqlen, limit=tier.windows,

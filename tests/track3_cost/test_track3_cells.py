@@ -36,7 +36,7 @@ def test_track3_cell(cell, float_models, baseline, benchmark, request):
     _, record = benchmark.pedantic(build, args=(cell, fmodel, tok), rounds=1, iterations=1)
     c = record["cost"]
     ratios = {"time_ratio": c["wall_s"] / unit, "mem_ratio": c["peak_mem_bytes"] / infer.model_bytes(fmodel)}
-    benchmark.extra_info.update(ratios, wall_s=c["wall_s"], peak_mem_bytes=c["peak_mem_bytes"],
+    benchmark.extra_info.update(ratios, wall_s=c["wall_s"], peak_mem_bytes=c["peak_mem_bytes"], threads=record["threads"],
                                 mem_counter=c["mem_counter"], calib_budget=record["calib_budget"],
                                 forward_2048_s=unit)
     # the quantized copy lives beside the float model: the peak holds both
