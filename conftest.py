@@ -132,9 +132,14 @@ def snapshot_ext():
 
 
 @pytest.fixture
-def baseline(snapshot, snapshot_ext):
-    """syrupy's snapshot with the tolerance-aware baseline extension."""
-    return snapshot.use_extension(snapshot_ext)
+def baseline(request, snapshot, snapshot_ext):
+    """syrupy's snapshot with the tolerance-aware baseline extension; a default-tier cell's gated
+    statistics compare within that cell's measured bands (tests/gates.py)."""
+    from tests import gates
+    cell = getattr(getattr(request.node, "callspec", None), "params", {}).get("cell")
+    gated = cell is not None and request.node.originalname == "test_cell_gate"
+    bands = gates.bands(cell.id) if gated else None
+    return snapshot.use_extension(snapshot_ext.with_bands(bands) if bands else snapshot_ext)
 
 
 @pytest.fixture(scope="session")

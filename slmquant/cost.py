@@ -63,6 +63,17 @@ def read_peak(device: str) -> int:
     return _status("VmHWM")
 
 
+def _release_free_memory() -> None:
+    """Give the C allocator's free pages back to the OS (glibc's malloc_trim), so that the resident
+    set before a measurement is what is in use: otherwise a call that reuses freed but resident
+    memory (an earlier model's) grows no peak and its memory goes uncounted."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass                                      # not glibc (macOS): the sampled RSS is what it is
+
+
 class PeakMemory:
     """with PeakMemory(device) as p: ...; then p.growth (bytes above the start) and p.counter."""
 
@@ -71,6 +82,8 @@ class PeakMemory:
         self.growth, self.counter, self._thread = 0, "", None
 
     def __enter__(self):
+        if not self.device.startswith("cuda"):
+            _release_free_memory()
         self.base = 0 if self.device.startswith("cuda") else rss()
         self.counter = reset_peak(self.device)
         if not self.counter:                      # no resettable counter: sample the resident set
