@@ -149,3 +149,18 @@ def test_rtn_twin_keeps_bits_and_weight_setting():
     assert twin.method == "rtn" and twin.cfg.scheme == "w4a16" and twin.id == "smollm2-rtn-w4a16"
     assert gates.rtn_twin_id("smollm2-gptq-w4a16-calib_samples=16-calib_seqlen=512-group_size=64") == \
         "smollm2-rtn-w4a16-group_size=64"
+
+
+def test_a_device_class_without_baselines_fails_once():
+    import os
+    import subprocess
+    import sys
+
+    from tests.baseline import ROOT as BROOT
+    env = {**os.environ, "SLMQUANT_BASELINE_DEVICE": "nvidia-h999-nothing-recorded"}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                        str(BROOT / "tests/core/baseline_probe.py")], cwd=BROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stdout[-2000:]
+    assert "1 passed, 1 skipped" in p.stdout and p.stdout.count("no baselines for this device class") == 1
+    assert "pytest --snapshot-update" in p.stdout and "baselines/nvidia-h999-nothing-recorded/" in p.stdout
