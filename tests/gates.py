@@ -30,8 +30,24 @@ BAND_FACTOR = 2.0
 BAND_FLOOR = {"kl": 0.02, "damage_ratio": 0.02, "ppl_ratio": 0.005}
 GATE_STATS = {"kl": "damage", "damage_ratio": "vs_rtn", "ppl_ratio": "ppl"}
 
-# Measured spread per default cell: the largest relative deviation from the base run (docs table).
-SPREAD: dict[str, dict[str, float]] = {}
+# Measured spread per default cell: the largest relative deviation from the base run over 3 other
+# runs (calibration seed 1; AVX2 kernels; 1 thread), 16 windows of 512 tokens, 2026-12-01
+# (`python -m tests.spread --table results/spread/{base,seed1,avx2,t1}.json --literal`).
+SPREAD: dict[str, dict[str, float]] = {
+    "smollm2-gptq-w8a8-calib_samples=16-calib_seqlen=512": {"kl": 0.0046, "damage_ratio": 0.0046, "ppl_ratio": 0.0022},
+    "smollm2-gptq-w4a8-calib_samples=16-calib_seqlen=512": {"kl": 0.0263, "damage_ratio": 0.0269, "ppl_ratio": 0.0506},
+    "smollm2-gptq-w4a16-calib_samples=16-calib_seqlen=512": {"kl": 0.0265, "damage_ratio": 0.0265, "ppl_ratio": 0.0040},
+    "smollm2-gptq-w4a16-calib_samples=16-calib_seqlen=512-group_size=64": {"kl": 0.0359, "damage_ratio": 0.0359, "ppl_ratio": 0.0181},
+    "smollm2-rtn-w8a8": {"kl": 0.0067, "ppl_ratio": 0.0001},
+    "smollm2-rtn-w4a8": {"kl": 0.0006, "ppl_ratio": 0.0031},
+    "smollm2-rtn-w4a8-sym=False": {"kl": 0.0036, "ppl_ratio": 0.0031},
+    "smollm2-rtn-w4a16": {"kl": 0.0000, "ppl_ratio": 0.0000},
+    "smollm2-rtn-w4a16-sym=False": {"kl": 0.0000, "ppl_ratio": 0.0000},
+    "smollm2-rtn-w4a16-group_size=64": {"kl": 0.0000, "ppl_ratio": 0.0000},
+    "smollm2-smoothquant-w8a8-calib_samples=16": {"kl": 0.0585, "damage_ratio": 0.0585, "ppl_ratio": 0.0043},
+    "smollm2-smoothquant-w4a8-calib_samples=16": {"kl": 0.0965, "damage_ratio": 0.0965, "ppl_ratio": 0.0734},
+    "smollm2-smoothquant-w8a8-alpha_search=True-calib_samples=16": {"kl": 0.0150, "damage_ratio": 0.0150, "ppl_ratio": 0.0034},
+}
 
 # Cells whose method must beat RTN by design (damage ratio below 1 - its band), whatever is recorded:
 # re-recording a baseline cannot make GPTQ W4 or SmoothQuant W8A8 silently no better than RTN.

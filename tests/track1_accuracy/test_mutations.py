@@ -1,7 +1,11 @@
 """The mutation battery: each mutation removes a method's benefit (or breaks quantization) while
 leaving plausible numbers, and must turn the default tier's gate red through the gate meant to see
 it. A mutated cell is built outside the cell cache and scored exactly as test_cell_gate scores a
-cell, against the recorded baseline of that cell; the test checks which gate reported it."""
+cell, against the recorded baseline of that cell; the test checks which gate reported it.
+
+Not in the battery: SmoothQuant W4A8 falling back to RTN. At alpha 0.5 it does more damage than RTN
+by design (damage ratio 1.07), and its calibration draw alone moves that ratio by up to 10% on the
+default tier's 16 x 512 calibration tokens: the gate cannot tell it from RTN (docs/gate_bands.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -98,8 +102,6 @@ MUTATIONS = [
              "GPTQ's Hessian loses its off-diagonal terms at 8 bits"),
     Mutation("unit-smoothing", "smoothquant", "w8a8", (("calib_samples", 16),), _unit_smoothing,
              frozenset({"vs_rtn"}), "smoothing factors all 1: SmoothQuant falls back to RTN"),
-    Mutation("unit-smoothing", "smoothquant", "w4a8", (("calib_samples", 16),), _unit_smoothing,
-             frozenset({"vs_rtn"}), "smoothing factors all 1 at W4A8 (where alpha 0.5 costs, by design)"),
     Mutation("weights-only-smoothing", "smoothquant", "w8a8", (("calib_samples", 16),), _weights_only_smoothing,
              frozenset({"vs_rtn"}), "activation maxima ignored: factors from the weights alone"),
 ]
