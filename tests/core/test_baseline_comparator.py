@@ -123,7 +123,9 @@ def test_each_gate_reports_its_own_statistic(monkeypatch):
     assert {f.gate for f in to_rtn} == {"vs_rtn"} and len(to_rtn) == 2       # the band, and must beat RTN
     noop = gates.check_default(cell, {"kl": 0.0, "damage_ratio": 0.0, "ppl_ratio": 1.0}, rec)
     assert {f.gate for f in noop} >= {"suspicious", "damage"}
-    assert [f.gate for f in gates.check_default(_gate_cell("rtn", "w8a8"), {"kl": 0.1, "ppl_ratio": 1.0}, None)] == ["band"]
+    from dataclasses import replace
+    unmeasured = replace(_gate_cell("rtn", "w8a8"), model="another-model")
+    assert [f.gate for f in gates.check_default(unmeasured, {"kl": 0.1, "ppl_ratio": 1.0}, None)] == ["band"]
 
 
 def test_known_failures_excuse_one_gate_only(monkeypatch):
