@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Set everything up (scripts/setup.sh) and run the default test tier. Extra arguments go to pytest.
 # pytest exits 5 when it collects no test: that is a failure here too.
+# Workers: SLMQUANT_WORKERS pytest-xdist processes (default 2; 0 runs in this process). Each gets
+# max(1, cores // workers) torch threads (conftest.py): on two cores, two one-thread workers keep
+# both cores busy where one process would leave one idle in GPTQ's single-threaded column loop. The
+# gate's bands absorb the measured 1-vs-2-thread spread (docs/gate_bands.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export SLMQUANT_DATA=${SLMQUANT_DATA:-$(cd .. && pwd)/shared/data}
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n "${SLMQUANT_WORKERS:-2}" "$@"
