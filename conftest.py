@@ -54,9 +54,13 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
+    """Printed by the controller, which has no worker count in its environment: read the option."""
     from tests.baseline import device_class
-    return (f"slmquant: device {DEVICE}, baseline class {device_class()}, {THREADS} torch thread(s) per "
-            f"process ({WORKERS} worker(s) on {_cores()} core(s))")
+    workers = getattr(config.option, "numprocesses", None)
+    workers = workers if isinstance(workers, int) and workers > 0 else 1
+    threads = int(os.environ.get("SLMQUANT_THREADS") or max(1, _cores() // workers))
+    return (f"slmquant: device {DEVICE}, baseline class {device_class()}, {threads} torch thread(s) per "
+            f"process ({workers} worker process(es) on {_cores()} core(s))")
 
 
 def pytest_runtest_logreport(report):
