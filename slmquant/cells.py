@@ -279,4 +279,6 @@ def _reserve_bytes() -> int:
 
 
 def _state_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """Bytes of the model's tensors, each storage once (tied embeddings are one tensor)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    return sum(storages.values())
