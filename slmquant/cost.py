@@ -69,8 +69,7 @@ def _release_free_memory() -> None:
     set before a measurement is what is in use: otherwise a call that reuses freed but resident
     memory (an earlier model's) grows no peak and its memory goes uncounted. Garbage is collected
     first (PeakMemory), for the same reason: an earlier model in a reference cycle freed during the
-    call would lower the resident set under the call's own growth (seen: a GPTQ build that
-    deep-copies a 540 MB model measured 304 MB of growth)."""
+    call would lower the resident set under the call's own growth."""
     try:
         import ctypes
         ctypes.CDLL(None).malloc_trim(0)
