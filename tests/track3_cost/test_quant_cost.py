@@ -19,10 +19,10 @@ def test_cell_records_its_quantization_cost(cell, quantized, float_models):
     _, record = quantized(cell)
     c = record["cost"]
     assert c["wall_s"] > 0 and c["device"] in ("cpu", "cuda") and "growth of the peak" in c["mem_counter"]
-    # the copy it quantizes (model bytes, each storage once) plus working memory of at least half a
-    # model: measured here x1.67 of the model bytes for GPTQ W8A8 (layer inputs, Hessians), x1.98 for
-    # RTN W8A8 (new weights made before the old ones are freed)
-    assert c["peak_mem_bytes"] >= 1.5 * _state_bytes(fmodel), c
+    # the copy it quantizes (model bytes, each storage once) plus its working memory: measured x1.56
+    # (CI, one thread) to x1.67 of the model bytes for GPTQ W8A8 (layer inputs, Hessians), x1.98 for
+    # RTN W8A8 (new weights made before the old ones are freed); a counter that missed the work fails
+    assert c["peak_mem_bytes"] >= 1.25 * _state_bytes(fmodel), c
     assert record["settings"]["w_bits"] == cell.cfg.w_bits and record["cell"] == cell.id
     assert record["source"]["stand_in_for"] == "HuggingFaceTB/SmolLM2-135M"
 
