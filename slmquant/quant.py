@@ -141,6 +141,37 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (_round(x) - x).detach() + x
 
 
+def fake_quant_ste(x: torch.Tensor, spec: QSpec | None) -> torch.Tensor:
+    """fake_quant (dynamic scales) with straight-through rounding, for training: the forward equals
+    fake_quant's; gradients reach x directly and through the range. x: any shape -> same shape."""
+    if spec is None:
+        return x
+    scale, zero = qparams(x, spec)
+    q = torch.clamp(round_ste(_grouped(x, spec) / scale) + zero, spec.qmin, spec.qmax)
+    return ((q - zero) * scale).reshape(x.shape)
+
+
+def lwc_fake_quant(W: torch.Tensor, spec: QSpec, gamma: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+    """Learnable weight clipping (OmniQuant, arXiv 2308.13137): each row's (or group's) range is
+    shrunk by sigmoid factors before rounding, rounding straight-through, so that gamma, beta and W
+    get gradients. W: (out, in); gamma, beta: (out,) or (out * in / group_size,) logits.
+    Asymmetric: max' = sigmoid(gamma) max, min' = sigmoid(beta) min, scale = (max' - min') / qmax,
+    zero = round(-min' / scale), kept in [0, qmax] (no gradient, as in the reference code).
+    Symmetric: max|W|' = sigmoid(gamma) max|W| on the grid of `spec` (beta unused)."""
+    Wg = _grouped(W, spec)                                   # (out, in) or (out, groups, group_size)
+    up = torch.sigmoid(gamma).reshape(*Wg.shape[:-1], 1)
+    if spec.sym:
+        scale = (Wg.abs().amax(-1, keepdim=True) * up / (spec.qmax + 0.5 if spec.full_grid else spec.qmax))
+        scale, zero = scale.clamp(1e-5, 1e4), torch.zeros((), dtype=W.dtype, device=W.device)
+    else:
+        low = torch.sigmoid(beta).reshape(*Wg.shape[:-1], 1)
+        xmax, xmin = Wg.amax(-1, keepdim=True) * up, Wg.amin(-1, keepdim=True) * low
+        scale = ((xmax - xmin) / spec.qmax).clamp(1e-5, 1e4)
+        zero = torch.round(-xmin / scale).clamp(0, spec.qmax).detach()
+    q = torch.clamp(round_ste(Wg / scale) + zero, spec.qmin, spec.qmax)
+    return ((q - zero) * scale).reshape(W.shape)
+
+
 class QLinear(nn.Module):
     """A linear layer with fake-quantized weights (quantized once, at construction) and input
     activations quantized on the fly (per token, dynamic) when a_spec is given.

@@ -1,0 +1,312 @@
+"""omniquant: learnable weight clipping (LWC) and learnable equivalent transformation (LET), trained
+block by block to reproduce the float block's output (OmniQuant, arXiv 2308.13137).
+
+Steps, per decoder block: run the float block on float inputs (targets; activation maxima for the
+LET start) -> train LET scales and LWC factors with AdamW on the MSE between the quantized block's
+output on the quantized stream and the target -> fold them (norm weights / s, linear columns * s,
+v rows / s, o columns * s; weights replaced by their clipped fake-quant values) -> run the folded
+block on the quantized stream for the next block. The final model has no extra operators.
+Departures from the reference code: LET is GQA-exact (one factor per key/value channel, repeated
+over its query heads, where the reference raises and LLMC skips; `gqa="llmc"` reproduces LLMC's
+skip, which trains v_proj on unscaled weights while the folded model keeps the norm scaling);
+the fold is float32 (`fold_fp16` reproduces the reference's fp16 fold); a non-finite loss or
+parameter sends the block back to its last finite state instead of stopping. Shifts are off, as
+the reference does for RMSNorm models (every architecture here); q/k scaling is not learned: Q and K
+are not quantized in the paper's setting, and a per-row scale of q and k rows commutes with per-row
+weight rounding, so it would be inert."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ..arch import arch_map, decoder_layers, heads
+from ..calib import act_absmax, capture_layer_inputs, input_hooks
+from ..errors import SlmquantError
+from ..quant import QLinear, fake_quant_ste, lwc_fake_quant
+from . import CalibConfig, register
+
+
+@dataclass(frozen=True)
+class OmniQuantConfig(CalibConfig):
+    """Weights asymmetric (sym=False), activations symmetric per token: the SLMQuant paper's setting.
+    epochs: passes over the calibration windows per block, batch 1 (reference scripts: 20).
+    lwc_lr / let_lr: AdamW learning rates of the clipping factors and the LET scales (1e-2, 5e-3);
+    wd: weight decay (0). alpha: LET start s = max|X|^alpha / max|W|^(1-alpha) (0.5).
+    let: learn the equivalent transformation; None: on when activations are quantized (W4A16 is LWC
+    only, as the reference's weight-only runs). lwc: learn the clipping (off: plain min/max).
+    gqa: "exact" (GQA-aware v -> o) or "llmc" (LLMC's handling, see the module docstring).
+    fold_fp16: fold the LET into float16 weights as the reference code does (default float32)."""
+    sym: bool = False
+    epochs: int = 20
+    lwc_lr: float = 1e-2
+    let_lr: float = 5e-3
+    wd: float = 0.0
+    alpha: float = 0.5
+    let: bool | None = None
+    lwc: bool = True
+    gqa: str = "exact"
+    fold_fp16: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.epochs < 0 or self.lwc_lr < 0 or self.let_lr < 0 or self.wd < 0:
+            raise SlmquantError("epochs, lwc_lr, let_lr and wd must be >= 0")
+        if not 0 <= self.alpha <= 1:
+            raise SlmquantError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.gqa not in ("exact", "llmc"):
+            raise SlmquantError(f"gqa must be exact or llmc, got {self.gqa!r}")
+        if self.let and self.a_bits == 16:
+            raise SlmquantError("let=true needs quantized activations (a_bits < 16): LET only moves "
+                                "activation outliers into the weights")
+
+    @property
+    def use_let(self) -> bool:
+        return self.a_bits < 16 if self.let is None else self.let
+
+
+SUITE = (("w8a8", {}), ("w4a8", {}), ("w4a16", {}))
+LWC_INIT = 4.0              # reference: sigmoid(4) = 0.982, weights mildly clipped from the first step
+LET_MIN = 1e-2              # reference: |s| < 1e-2 becomes sign(s) * 1e-2 before every use
+
+
+class Block:
+    """One decoder block's frozen float weights and its learnable LET scales and LWC logits;
+    `weights()` gives the transformed, fake-quantized tensors by parameter name."""
+
+    def __init__(self, layer: nn.Module, act_max: dict[str, torch.Tensor], cfg: OmniQuantConfig, amap, hq):
+        self.cfg, self.amap = cfg, amap
+        self.n_q, self.n_kv, self.hd = hq
+        self.W = {n: layer.get_submodule(n).weight.detach().clone() for n in amap.linears}
+        self.b = {n: layer.get_submodule(n).bias.detach().clone() for n in amap.linears
+                  if layer.get_submodule(n).bias is not None}
+        self.norm = {b.prev: layer.get_submodule(b.prev).weight.detach().clone() for b in (amap.attn_in, amap.mlp_in)}
+        self.let: dict[str, torch.Tensor] = {}
+        if cfg.use_let:
+            for b, key in ((amap.attn_in, amap.attn_in.linears[0]), (amap.mlp_in, "mlp.up_proj")):
+                self.let[b.prev] = _let_init(act_max[b.linears[0]], self.W[key].abs().amax(0), cfg.alpha)
+            o = amap.v_o.linears[0]
+            self.let["v_o"] = _let_init(self._per_kv(act_max[o]), self._per_kv(self.W[o].abs().amax(0)), cfg.alpha)
+        spec = cfg.w_spec
+        rows = lambda W: W.shape[0] * (W.shape[1] // spec.group_size if spec.group_size else 1)
+        self.lwc = {n: (torch.full((rows(W),), LWC_INIT, dtype=torch.float32),
+                        torch.full((rows(W),), LWC_INIT, dtype=torch.float32)) for n, W in self.W.items()}
+        for t in self.params():
+            t.requires_grad_(True)
+
+    def _per_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """(n_q * hd,) -> (n_kv * hd,): the max over the query heads of each kv head's group."""
+        return t.view(self.n_kv, self.n_q // self.n_kv, self.hd).amax(1).reshape(-1)
+
+    def params(self) -> list[torch.Tensor]:
+        return self.let_params() + self.lwc_params()
+
+    def let_params(self) -> list[torch.Tensor]:
+        return list(self.let.values())
+
+    def lwc_params(self) -> list[torch.Tensor]:
+        return [t for pair in self.lwc.values() for t in pair] if self.cfg.lwc else []
+
+    def state(self) -> dict:
+        return {"let": {k: v.detach().clone() for k, v in self.let.items()},
+                "lwc": {k: [t.detach().clone() for t in v] for k, v in self.lwc.items()}}
+
+    @torch.no_grad()
+    def load(self, state: dict) -> None:
+        for k, v in state["let"].items():
+            self.let[k].copy_(v)
+        for k, v in state["lwc"].items():
+            for t, u in zip(self.lwc[k], v):
+                t.copy_(u)
+
+    @torch.no_grad()
+    def truncate_(self) -> None:
+        for s in self.let.values():                     # away from zero, sign kept (reference)
+            small = s.abs() < LET_MIN
+            s[small] = torch.where(s[small] < 0, -LET_MIN, LET_MIN)
+
+    def weights(self, deploy: bool = False, quantize: bool = True) -> dict[str, torch.Tensor]:
+        """{parameter name: tensor} of the transformed block. deploy: the folded model's weights
+        (differs from training only with gqa="llmc", whose training skips v's norm scaling).
+        quantize=False: the transformation alone, in the weights' own dtype (equivalence tests)."""
+        a, cfg, off = self.amap, self.cfg, self.amap.norm_offset
+        W, b, norm = dict(self.W), dict(self.b), dict(self.norm)
+        if cfg.fold_fp16 and deploy:
+            W, b, norm = ({k: v.half() for k, v in d.items()} for d in (W, b, norm))
+        for bal in (a.attn_in, a.mlp_in):
+            if bal.prev in self.let:
+                s = self.let[bal.prev].to(W[bal.linears[0]].dtype)
+                norm[bal.prev] = (off + norm[bal.prev]) / s - off                # norm(x) / s
+                for n in bal.linears:
+                    W[n] = W[n] * s                                               # W[:, j] * s_j
+        v, o = a.v_o.prev, a.v_o.linears[0]
+        gqa = self.n_kv != self.n_q
+        if cfg.gqa == "llmc" and gqa and not deploy and self.let:
+            W[v] = self.W[v]                                  # LLMC: v trained on its raw weights
+        if "v_o" in self.let and not (cfg.gqa == "llmc" and gqa):
+            s = self.let["v_o"].to(W[v].dtype)
+            W[v] = W[v] / s[:, None]                                              # v rows / s
+            if v in b:
+                b[v] = b[v] / s
+            W[o] = W[o] * s.view(self.n_kv, 1, self.hd).expand(-1, self.n_q // self.n_kv, -1).reshape(-1)
+        out = {f"{k}.weight": v_.to(self.norm[k].dtype) for k, v_ in norm.items()}
+        out.update({f"{k}.bias": v_.to(self.b[k].dtype) for k, v_ in b.items()})
+        if not quantize:
+            return {**out, **{f"{n}.weight": Wn.to(self.W[n].dtype) for n, Wn in W.items()}}
+        for n, Wn in W.items():
+            gamma, beta = self.lwc[n]
+            if not cfg.lwc:
+                gamma, beta = torch.full_like(gamma, 30.0), torch.full_like(beta, 30.0)   # sigmoid = 1
+            Wq = lwc_fake_quant(Wn if Wn.dtype == torch.float64 else Wn.float(), cfg.w_spec, gamma, beta)
+            out[f"{n}.weight"] = (Wq.half() if cfg.fold_fp16 and deploy else Wq).to(self.W[n].dtype)
+        return out
+
+
+def _let_init(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = max|X|^alpha / max|W|^(1-alpha) (reference: key linear only, abs max per input channel)."""
+    x_max, w_max = x_max.float().clamp(min=1e-5), w_max.float().clamp(min=1e-5)
+    return (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def _act_quant_hooks(layer: nn.Module, amap, a_spec):
+    """Forward pre-hooks quantizing every linear's input (straight-through), as QLinear does."""
+    return [layer.get_submodule(n).register_forward_pre_hook(lambda m, args: (fake_quant_ste(args[0], a_spec),))
+            for n in amap.linears] if a_spec is not None else []
+
+
+def block_loss(layer, weights, x, kw, target) -> torch.Tensor:
+    return F.mse_loss(functional_call(layer, weights, (x,), kw), target)
+
+
+def train_block(layer: nn.Module, blk: Block, q_in, kw, target, cfg: OmniQuantConfig) -> dict:
+    """AdamW on the block's LET and LWC parameters, batch 1, fixed window order (reference).
+    A non-finite loss or parameter sends the block back to its last finite epoch-end state (or its
+    start) and ends its training. Returns {"loss": [mean loss per epoch], "nonfinite": bool}."""
+    groups = [g for g in ({"params": blk.let_params(), "lr": cfg.let_lr},
+                          {"params": blk.lwc_params(), "lr": cfg.lwc_lr}) if g["params"]]
+    out = {"loss": [], "nonfinite": False}
+    if not groups or cfg.epochs == 0:
+        return out
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
+    good = blk.state()
+    hooks = _act_quant_hooks(layer, blk.amap, cfg.a_spec)
+    try:
+        with torch.enable_grad():
+            for _ in range(cfg.epochs):
+                total = 0.0
+                for x, y in zip(q_in, target):
+                    blk.truncate_()
+                    loss = block_loss(layer, blk.weights(), x, kw, y)
+                    if not torch.isfinite(loss):
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.item()
+                if not torch.isfinite(loss) or not all(torch.isfinite(p).all() for p in blk.params()):
+                    blk.load(good)
+                    out["nonfinite"] = True
+                    break
+                good = blk.state()
+                out["loss"].append(total / len(q_in))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+@torch.no_grad()
+def fold_block_(layer: nn.Module, blk: Block, cfg: OmniQuantConfig, quantize: bool = True) -> None:
+    """Write the trained transformation into the layer: norms and biases updated, every linear a
+    QLinear holding its clipped fake-quant weights (described by the cell's weight spec).
+    quantize=False: the transformation alone, the linears staying float (equivalence tests)."""
+    blk.truncate_()
+    w = blk.weights(deploy=True, quantize=quantize)
+    for n in blk.norm:
+        layer.get_submodule(n).weight.copy_(w[f"{n}.weight"])
+    for n in blk.amap.linears:
+        lin = layer.get_submodule(n)
+        if lin.bias is not None:
+            lin.bias.copy_(w[f"{n}.bias"])
+        if not quantize:
+            lin.weight.copy_(w[f"{n}.weight"])
+            continue
+        layer.set_submodule(n, QLinear.from_linear(lin, cfg.w_spec, cfg.a_spec, weight=w[f"{n}.weight"]))
+
+
+@torch.no_grad()
+def float_pass(layer: nn.Module, amap, inputs: list[torch.Tensor], kw: dict):
+    """The float block on float inputs: (outputs, the LET start's per-channel max|x| at the inputs
+    of q/k/v, gate/up and o)."""
+    act_max: dict[str, torch.Tensor] = {}
+    keys = {amap.attn_in.linears[0], amap.mlp_in.linears[0], amap.v_o.linears[0]}
+    with input_hooks({n: layer.get_submodule(n) for n in keys}, lambda n, x: act_absmax(act_max, n, x)):
+        return [layer(x, **kw) for x in inputs], act_max
+
+
+def _resume_dir(model: nn.Module, calib: torch.Tensor, cfg: OmniQuantConfig):
+    """Where a build keeps its finished blocks (LET/LWC state and losses): keyed by the model, the
+    calibration windows, every setting and this file, so a resumed build is the interrupted one."""
+    from ..models import cache_dir
+    from . import get_method
+    src = getattr(model, "slmquant_source", None)
+    h = hashlib.sha256(json.dumps({"cfg": asdict(cfg), "code": get_method("omniquant").source_hash(),
+                                   "model": src.to_dict() if src else model.config.to_json_string()},
+                                  sort_keys=True, default=str).encode())
+    h.update(calib.numpy().tobytes())
+    if src is None or src.kind == "tiny":             # weights not pinned by a file
+        for t in model.state_dict().values():
+            h.update(t.detach().float().numpy().tobytes())
+    return cache_dir() / "omniquant-resume" / h.hexdigest()[:20]
+
+
+@register("omniquant", OmniQuantConfig, suite=SUITE)
+def omniquant(model: nn.Module, calib: torch.Tensor, cfg: OmniQuantConfig, progress: bool = True) -> nn.Module:
+    if calib is None:
+        raise SlmquantError("omniquant needs calibration windows")
+    amap, hq = arch_map(model), heads(model)
+    resume = _resume_dir(model, calib, cfg)
+    state = capture_layer_inputs(model, calib)
+    fp_in, q_in = state.hidden, [x.clone() for x in state.hidden]
+    info = {"loss": {}, "nonfinite_blocks": [], "resumed_blocks": 0, "let": cfg.use_let}
+    layers = decoder_layers(model)
+    bar = tqdm(total=len(layers), desc="omniquant", unit="block", disable=not progress)
+    for i, layer in enumerate(layers):
+        kw = state.layer_kwargs[i]
+        target, act_max = float_pass(layer, amap, fp_in, kw)
+        blk = Block(layer, act_max, cfg, amap, hq)
+        saved = resume / f"block{i}.pt"
+        if saved.exists():
+            ck = torch.load(saved, weights_only=True)
+            blk.load(ck["state"])
+            res = ck["result"]
+            info["resumed_blocks"] += 1
+        else:
+            res = train_block(layer, blk, q_in, kw, target, cfg)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            tmp = saved.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"state": blk.state(), "result": res}, tmp)
+            os.replace(tmp, saved)
+        info["loss"][i] = res["loss"]
+        if res["nonfinite"]:
+            info["nonfinite_blocks"].append(i)
+        fold_block_(layer, blk, cfg)
+        with torch.no_grad():
+            q_in = [layer(x, **kw) for x in q_in]                    # the quantized stream moves on
+        fp_in = target
+        bar.update(1)
+        if res["loss"]:
+            bar.set_postfix(loss=f"{res['loss'][-1]:.3g}")
+    bar.close()
+    for f in resume.glob("block*.pt"):
+        f.unlink()
+    resume.rmdir() if resume.exists() else None
+    model.slmquant_method_info = info
+    return model

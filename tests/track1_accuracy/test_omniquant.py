@@ -1,0 +1,178 @@
+"""OmniQuant: the LET fold is an exact equivalence (float64, every architecture: GQA 4 query / 2 kv
+heads, Qwen2's q/k/v biases, Gemma's (1 + w) norms), the trained block is the block that gets
+deployed, a non-finite step falls back instead of spreading NaN, and an interrupted build resumes."""
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from slmquant.arch import arch_map, decoder_layers, heads
+from slmquant.calib import capture_layer_inputs
+from slmquant.methods import make_config, quantize
+from slmquant.methods import omniquant as oq
+from slmquant.models import SUPPORTED_ARCHS, tiny_model
+
+pytestmark = [pytest.mark.omniquant, pytest.mark.w8a8, pytest.mark.w4a8, pytest.mark.w4a16]
+
+TINY = {"calib_samples": 2, "calib_seqlen": 32}
+
+
+def _blocks(model, calib, cfg, perturb: float, seed: int = 0):
+    """(layer, Block, float inputs, kwargs) per layer, the float stream walked layer by layer; LET
+    scales multiplied by exp(perturb * N(0, 1)) (0: the reference's initial values)."""
+    amap, hq = arch_map(model), heads(model)
+    state = capture_layer_inputs(model, calib)
+    x, g = state.hidden, torch.Generator().manual_seed(seed)
+    for i, layer in enumerate(decoder_layers(model)):
+        kw = state.layer_kwargs[i]
+        out, act_max = oq.float_pass(layer, amap, x, kw)
+        blk = oq.Block(layer, act_max, cfg, amap, hq)
+        with torch.no_grad():
+            for s in blk.let.values():
+                s.mul_(torch.exp(perturb * torch.randn(s.shape, generator=g, dtype=s.dtype)))
+        yield layer, blk, x, kw
+        x = out
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+@pytest.mark.parametrize("perturb", [0.0, 0.5])
+def test_let_fold_keeps_the_float_output(arch, perturb):
+    model, _ = tiny_model(arch, seed=3, dtype=torch.float64)
+    calib, ids = torch.randint(0, 5000, (2, 24)), torch.randint(0, 5000, (2, 20))
+    cfg = make_config("omniquant", "w4a8", TINY)
+    with torch.no_grad():
+        ref = model(ids).logits
+        v0 = model.model.layers[0].self_attn.v_proj.weight.clone()
+    for layer, blk, _, _ in list(_blocks(model, calib, cfg, perturb)):
+        n_q, n_kv, hd = heads(model)
+        assert blk.let["v_o"].shape == (n_kv * hd,)                  # one factor per kv channel
+        oq.fold_block_(layer, blk, cfg, quantize=False)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert not torch.equal(v0, model.model.layers[0].self_attn.v_proj.weight)        # it did something
+    # Gemma3RMSNorm computes in float32 even in a float64 model (see test_smoothquant.py)
+    tol = 1e-5 * ref.abs().max() if arch == "gemma3_text" else 1e-9
+    assert (out - ref).abs().max() <= tol
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+@pytest.mark.parametrize("bits", ["w4a8", "w4a16", "w8a8"])
+def test_trained_block_is_the_folded_block(arch, bits):
+    """The training forward (functional weights, straight-through activation rounding in hooks)
+    and the folded block (QLinears) compute the same function after training."""
+    model, _ = tiny_model(arch, seed=5)
+    calib = torch.randint(0, 5000, (2, 32))
+    cfg = make_config("omniquant", bits, {**TINY, "epochs": 3})
+    layer, blk, x, kw = next(_blocks(model, calib, cfg, 0.0))
+    target, _ = oq.float_pass(layer, arch_map(model), x, kw)
+    res = oq.train_block(layer, blk, x, kw, target, cfg)
+    assert len(res["loss"]) == 3 and not res["nonfinite"]
+    hooks = oq._act_quant_hooks(layer, blk.amap, cfg.a_spec)
+    with torch.no_grad():
+        trained = functional_call(layer, blk.weights(), (x[0],), kw)
+    for h in hooks:
+        h.remove()
+    folded = copy.deepcopy(layer)
+    oq.fold_block_(folded, blk, cfg)
+    with torch.no_grad():
+        out = folded(x[0], **kw)
+    assert torch.allclose(out, trained, rtol=1e-5, atol=1e-6 * trained.abs().max())
+
+
+def test_lwc_starts_at_the_reference_clip_and_learns():
+    model, _ = tiny_model("llama", seed=1)
+    cfg = make_config("omniquant", "w4a16", {**TINY, "epochs": 4})
+    layer, blk, x, kw = next(_blocks(model, torch.randint(0, 5000, (2, 32)), cfg, 0.0))
+    assert not blk.let                                           # W4A16: LWC only (reference)
+    gamma = blk.lwc["mlp.down_proj"][0]
+    assert torch.allclose(torch.sigmoid(gamma), torch.tensor(0.98201), atol=1e-5)
+    target, _ = oq.float_pass(layer, arch_map(model), x, kw)
+    res = oq.train_block(layer, blk, x, kw, target, cfg)
+    assert not torch.allclose(blk.lwc["mlp.down_proj"][0], gamma.detach().new_full(gamma.shape, oq.LWC_INIT))
+    assert res["loss"][-1] < res["loss"][0]
+
+
+def test_llmc_gqa_trains_one_model_and_deploys_another():
+    """gqa="llmc" reproduces LLMC on GQA models: v_proj trained on its raw weights while the folded
+    model keeps the norm scaling of its input columns; the exact handling has no such gap."""
+    model, _ = tiny_model("llama", seed=2)
+    calib = torch.randint(0, 5000, (2, 32))
+    for gqa, differs in (("llmc", True), ("exact", False)):
+        cfg = make_config("omniquant", "w4a8", {**TINY, "gqa": gqa})
+        _, blk, _, _ = next(_blocks(model, calib, cfg, 0.3))
+        train, deploy = blk.weights(), blk.weights(deploy=True)
+        v = "self_attn.v_proj.weight"
+        assert (not torch.equal(train[v], deploy[v])) == differs
+        assert torch.equal(train["self_attn.q_proj.weight"], deploy["self_attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("where", ["loss", "param"])
+def test_a_nonfinite_step_falls_back_to_the_last_finite_state(monkeypatch, tmp_path, where):
+    monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path))
+    model, _ = tiny_model("llama", seed=0)
+    calib = torch.randint(0, 5000, (2, 32))
+    one = quantize(copy.deepcopy(model), "omniquant", make_config("omniquant", "w4a8", {**TINY, "epochs": 1}), calib)
+    calls = {"n": 0}
+    if where == "loss":
+        real = oq.block_loss
+
+        def block_loss(*a):
+            calls["n"] += 1
+            loss = real(*a)
+            return loss * float("nan") if calls["n"] == 4 else loss    # block 0, epoch 2, step 2
+        monkeypatch.setattr(oq, "block_loss", block_loss)
+    else:
+        real_step = torch.optim.AdamW.step
+
+        def step(self, *a, **k):
+            calls["n"] += 1
+            out = real_step(self, *a, **k)
+            if calls["n"] == 4:                                          # the last step of epoch 2
+                with torch.no_grad():
+                    self.param_groups[0]["params"][0][0] = float("inf")
+            return out
+        monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    q = quantize(copy.deepcopy(model), "omniquant", make_config("omniquant", "w4a8", {**TINY, "epochs": 3}), calib)
+    info = q.slmquant_method_info
+    assert info["nonfinite_blocks"] == [0] and len(info["loss"][0]) == 1 and len(info["loss"][1]) == 3
+    for name, t in q.model.layers[0].state_dict().items():       # block 0 = its state after epoch 1
+        assert torch.isfinite(t).all() and torch.equal(t, one.model.layers[0].state_dict()[name]), name
+    with torch.no_grad():
+        assert torch.isfinite(q(calib).logits).all()
+
+
+def test_an_interrupted_build_resumes_from_its_last_finished_block(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path))
+    model, _ = tiny_model("qwen2", seed=0)
+    calib = torch.randint(0, 5000, (2, 32))
+    cfg = make_config("omniquant", "w4a8", {**TINY, "epochs": 2})
+    whole = quantize(copy.deepcopy(model), "omniquant", cfg, calib)
+    assert not list(tmp_path.glob("omniquant-resume/*/*"))              # a finished build cleans up
+    real, calls = oq.train_block, {"n": 0}
+
+    def train_block(*a):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(oq, "train_block", train_block)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(copy.deepcopy(model), "omniquant", cfg, calib)
+    monkeypatch.setattr(oq, "train_block", real)
+    resumed = quantize(copy.deepcopy(model), "omniquant", cfg, calib)
+    assert resumed.slmquant_method_info["resumed_blocks"] == 1
+    assert resumed.slmquant_method_info["loss"] == whole.slmquant_method_info["loss"]
+    with torch.no_grad():
+        assert torch.equal(resumed(calib).logits, whole(calib).logits)
+
+
+@pytest.mark.parametrize("setting, message", [("gqa=mqa", "gqa must be"), ("alpha=2", "alpha"),
+                                              ("epochs=-1", "epochs")])
+def test_bad_settings_are_refused(setting, message):
+    from slmquant.errors import SlmquantError
+    k, v = setting.split("=")
+    with pytest.raises(SlmquantError, match=message):
+        make_config("omniquant", "w4a8", {k: v})
+    with pytest.raises(SlmquantError, match="let=true needs quantized activations"):
+        make_config("omniquant", "w4a16", {"let": "true"})
