@@ -253,9 +253,16 @@ def rtn_twin(cell: Cell) -> Cell:
 def rtn_twin_id(cell_id: str) -> str:
     """The id of the RTN cell with the same model, bits and weight setting as `cell_id` (a cell id
     of the default tier: model-method-bits-settings); calibration settings are dropped."""
-    model, _, bits, *settings = cell_id.split("-")
-    keep = [s for s in settings if s.split("=")[0] in ("sym", "group_size")]
-    return "-".join([model, "rtn", bits, *keep])
+    from dataclasses import fields
+
+    from slmquant.methods import get_method
+    model, method, bits, *settings = cell_id.split("-")
+    given = dict(s.split("=", 1) for s in settings)
+    default_sym = next(f.default for f in fields(get_method(method).config) if f.name == "sym")
+    keep = {k: given[k] for k in ("group_size",) if k in given}
+    if given.get("sym", str(default_sym)) == "False":                  # RTN's default is symmetric
+        keep["sym"] = "False"
+    return "-".join([model, "rtn", bits, *(f"{k}={v}" for k, v in sorted(keep.items()))])
 
 
 def score(model, tokens, tier, reference=None) -> dict:

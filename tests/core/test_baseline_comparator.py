@@ -151,6 +151,9 @@ def test_rtn_twin_keeps_bits_and_weight_setting():
     assert twin.method == "rtn" and twin.cfg.scheme == "w4a16" and twin.id == "smollm2-rtn-w4a16"
     assert gates.rtn_twin_id("smollm2-gptq-w4a16-calib_samples=16-calib_seqlen=512-group_size=64") == \
         "smollm2-rtn-w4a16-group_size=64"
+    # OmniQuant's weights are asymmetric by default: its twin is RTN's asymmetric cell
+    omni = _gate_cell("omniquant", "w4a8")
+    assert gates.rtn_twin(omni).id == gates.rtn_twin_id(omni.id) == "smollm2-rtn-w4a8-sym=False"
 
 
 def test_a_device_class_without_baselines_fails_once():

@@ -122,7 +122,10 @@ def _cells():
             ("gptq", "w4a16", {"group_size": 16, "static_groups": False, "calib_samples": 2, "calib_seqlen": 64}),
             ("smoothquant", "w8a8", {"calib_samples": 2, "calib_seqlen": 64}),
             ("rtn", "w8a8", {"full_grid": True}),
-            ("gptq", "w4a8", {"full_grid": True, "calib_samples": 2, "calib_seqlen": 64})]
+            ("gptq", "w4a8", {"full_grid": True, "calib_samples": 2, "calib_seqlen": 64}),
+            ("omniquant", "w4a8", {"calib_samples": 2, "calib_seqlen": 64, "epochs": 2}),
+            ("omniquant", "w8a8", {"calib_samples": 2, "calib_seqlen": 64, "epochs": 2}),
+            ("omniquant", "w4a16", {"group_size": 16, "calib_samples": 2, "calib_seqlen": 64, "epochs": 2})]
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
