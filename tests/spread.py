@@ -47,7 +47,9 @@ def measure(out: Path, seed: int | None, threads: int | None, select: str | None
         torch.set_num_threads(threads)
     params = [p.values[0] for p in cases(DEFAULT)]
     if select:
-        params = [c for c in params if select in c.id]
+        params = [c for c in params if any(s in c.id for s in select.split(","))]
+    twins = {gates.rtn_twin(c) for c in params if c.method != "rtn"}          # for the damage ratio
+    params += sorted((t for t in twins if t not in params), key=lambda c: c.id)
     model, tok = load_model(DEFAULT.models[0])
     ref = gates.FloatReference(model, tok, DEFAULT)
     doc = json.loads(out.read_text()) if out.exists() else {"env": environment(), "seed": seed, "cells": {}}
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--seed", type=int, default=None, help="calibration draw of every calibrating method")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("-k", dest="select", default=None, help="only cells whose id contains this")
+    ap.add_argument("-k", dest="select", default=None, help="only cells whose id contains one of these (comma-separated)")
     ap.add_argument("--table", nargs="+", type=Path, help="print the spread table of these runs (first: base)")
     ap.add_argument("--windows", type=int, default=None, help="table over the first N windows only")
     ap.add_argument("--literal", action="store_true", help="with --table: print tests/gates.py's SPREAD instead")

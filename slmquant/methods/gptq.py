@@ -44,7 +44,11 @@ class GPTQConfig(CalibConfig):
     static_groups: with act_order and groups, fix every group's scale up front on the original
     column order (each group: consecutive input channels). Off: groups are consecutive in the
     rounding order, each taking its scale when reached (the reference code's default), and the
-    QLinear records each input channel's group (`g_idx`)."""
+    QLinear records each input channel's group (`g_idx`).
+    full_grid: on by default, as in the reference code: symmetric weights on all 2^bits levels. On
+    held-out windows at W4A16 it cut GPTQ's KL from float by 12% (SmolLM2) and 14% (Qwen2.5-0.5B)
+    (docs/full_grid.md); RTN keeps 15 levels (the full grid hurt it on SmolLM2)."""
+    full_grid: bool = True
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = True
