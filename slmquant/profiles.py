@@ -13,7 +13,11 @@ from .methods import get_method
 # its calibration windows"): every window restarts at position 0, and the first positions of a
 # window, whose keys and values every later token reads, are 1/2048 of the Hessian's tokens at 2048.
 QUICK = {"calib_samples": 32, "calib_seqlen": 2048}
-QUICK_BY_METHOD = {"gptq": {"calib_samples": 128, "calib_seqlen": 512}}
+# OmniQuant trains every block on every window for `epochs` passes (the paper: 128 x 2048, 20 epochs,
+# hours on a CPU): 64 windows of 512 tokens, 2 epochs (128 steps a block), sized for a SmolLM2 cell
+# in about 10 min and a Qwen2.5-0.5B cell in about 40 on two cores (docs/omniquant.md).
+QUICK_BY_METHOD = {"gptq": {"calib_samples": 128, "calib_seqlen": 512},
+                   "omniquant": {"calib_samples": 64, "calib_seqlen": 512, "epochs": 2}}
 
 # The pull-request gate (and the quick profile's default task sample): the five tasks of slmq_perf on
 # a seeded sample of this many items each, sized so that one cell of the whole SmolLM2 scores all

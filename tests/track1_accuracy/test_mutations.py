@@ -19,6 +19,7 @@ from slmquant import calib, quant
 from slmquant.cells import build
 from slmquant.methods import METHODS, get_method
 from slmquant.methods import gptq as gptq_mod
+from slmquant.methods import omniquant as oq_mod
 from slmquant.methods import smoothquant as sq_mod
 from tests import gates
 from tests.baseline import load
@@ -83,7 +84,20 @@ def _weights_only_smoothing(mp):
     mp.setattr(sq_mod, "smoothing_scales", lambda x_max, w_max, alpha: orig(torch.ones_like(x_max), w_max, alpha))
 
 
+def _no_training(mp):
+    mp.setattr(oq_mod, "train_block", lambda *a: {"loss": [], "nonfinite": False})
+
+
+def _frozen_lwc(mp):
+    mp.setattr(oq_mod.Block, "lwc_params", lambda self: [])
+
+
+def _frozen_let(mp):
+    mp.setattr(oq_mod.Block, "let_params", lambda self: [])
+
+
 GPTQ_CAL = (("calib_samples", 16), ("calib_seqlen", 512))
+OMNI_CAL = GPTQ_CAL + (("epochs", 1),)
 MUTATIONS = [
     Mutation("noop", "rtn", "w8a8", (), _noop, frozenset({"suspicious", "damage"}),
              "every method returns the float model unchanged"),
@@ -104,6 +118,12 @@ MUTATIONS = [
              frozenset({"vs_rtn"}), "smoothing factors all 1: SmoothQuant falls back to RTN"),
     Mutation("weights-only-smoothing", "smoothquant", "w8a8", (("calib_samples", 16),), _weights_only_smoothing,
              frozenset({"vs_rtn"}), "activation maxima ignored: factors from the weights alone"),
+    Mutation("no-training", "omniquant", "w4a8", OMNI_CAL, _no_training, frozenset({"vs_rtn", "damage"}),
+             "OmniQuant's training skipped: LET and LWC keep their starting values"),
+    Mutation("frozen-lwc", "omniquant", "w4a16", OMNI_CAL, _frozen_lwc, frozenset({"vs_rtn", "damage"}),
+             "the clipping factors get no optimizer: W4A16 OmniQuant is RTN with a fixed 0.982 clip"),
+    Mutation("frozen-let", "omniquant", "w4a8", OMNI_CAL, _frozen_let, frozenset({"vs_rtn", "damage"}),
+             "the LET scales get no optimizer: only the clipping learns"),
 ]
 
 
