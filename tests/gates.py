@@ -133,6 +133,15 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
 # `pytest --runslow -p no:randomly 'TEST[CELL]' --snapshot-update`, then remove the entry.
 NOT_RECORDED: dict[str, dict[str, str]] = {
     "test_cell_quick_profile": {
+        **{f"{m}-omniquant-{b}-calib_samples=64-calib_seqlen=512-epochs=2": cost
+           for m, cost in (("smollm2", "about 15 min (64 x 512 x 2 epochs of training, 40 x 2048 scoring)"),
+                           ("qwen2", "about 60 min (64 x 512 x 2 epochs of training, 40 x 2048 scoring)"))
+           for b in ("w8a8", "w4a8", "w4a16")},
+        # GPTQ's symmetric cells since its default became the full grid (docs/full_grid.md)
+        **{f"{m}-gptq-{b}-calib_seqlen=512{g}": cost
+           for m, cost in (("smollm2", "about 5 min (GPTQ build, 40 x 2048 scoring)"),
+                           ("qwen2", "about 15 min (GPTQ build, 40 x 2048 scoring)"))
+           for b, g in (("w8a8", ""), ("w4a8", ""), ("w4a16", ""), ("w4a16", "-group_size=64"))},
         "qwen2-gptq-w4a8-calib_seqlen=512-sym=False": "about 50 min (GPTQ build, 40 x 2048 scoring)",
         "qwen2-smoothquant-w4a8-alpha_search=True-calib_samples=32-calib_seqlen=2048-weights=gptq":
             "about 60 min (alpha search and GPTQ build, 40 x 2048 scoring)",
@@ -186,16 +195,18 @@ QUICK_TARGETS: dict[tuple[str, str], dict] = {
     ("smoothquant", "w8a8"): {"max_ppl_ratio": 1.015},
     ("smoothquant", "w4a8"): {"gap_closed": 0.0},          # strictly better than RTN
     ("gptq", "w4a16"): {"gap_closed": 0.5},
+    ("omniquant", "w8a8"): {"max_ppl_ratio": 1.015},       # within 1.5% of float
+    ("omniquant", "w4a8"): {"max_ppl_ratio": 1.25, "gap_closed": 0.0},   # within 25%, better than RTN
 }
 
 
 def quick_gates(cell: Cell) -> dict:
     """RTN's ceiling for the cell's model and settings, tightened by the method's target."""
     key = (cell.model, cell.cfg.scheme, weight_setting(cell))
-    if key not in QUICK_GATES:
-        return {}
-    g = dict(QUICK_GATES[key])
     t = QUICK_TARGETS.get((cell.method, cell.cfg.scheme), {})
+    if key not in QUICK_GATES:
+        return {"max_ppl_ratio": t["max_ppl_ratio"]} if "max_ppl_ratio" in t else {}
+    g = dict(QUICK_GATES[key])
     if "max_ppl_ratio" in t:
         g["max_ppl_ratio"] = min(g["max_ppl_ratio"], t["max_ppl_ratio"])
     if "gap_closed" in t:
