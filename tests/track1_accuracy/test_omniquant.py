@@ -176,3 +176,27 @@ def test_bad_settings_are_refused(setting, message):
         make_config("omniquant", "w4a8", {k: v})
     with pytest.raises(SlmquantError, match="let=true needs quantized activations"):
         make_config("omniquant", "w4a16", {"let": "true"})
+
+
+@pytest.mark.parametrize("alias", [pytest.param("smollm2-135m", marks=pytest.mark.smollm2),
+                                   pytest.param("qwen2.5-0.5b", marks=[pytest.mark.qwen2, pytest.mark.slow])])
+def test_let_fold_keeps_the_whole_bundled_model(alias, float_models):
+    """The same fold on the real models in float32, one window of 128 WikiText-2 tokens: the LET
+    start computed from that window (SmolLM2's activation maxima reach the hundreds, so s spans
+    orders of magnitude), folded into every block without quantization."""
+    from slmquant import evaluate
+    model, tok = float_models(alias)
+    model = copy.deepcopy(model).float()
+    ids = evaluate.wikitext2_tokens(tok)[:128][None].to(next(model.parameters()).device)
+    cfg = make_config("omniquant", "w4a8", {"calib_samples": 1, "calib_seqlen": 128})
+    with torch.no_grad():
+        ref = model(ids).logits
+    spans = []
+    for layer, blk, _, _ in list(_blocks(model, ids, cfg, 0.0)):
+        spans.append(float(blk.let["input_layernorm"].max() / blk.let["input_layernorm"].min()))
+        oq.fold_block_(layer, blk, cfg, quantize=False)
+    with torch.no_grad():
+        out = model(ids).logits
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert max(spans) > 10                                  # the scales are far from uniform
+    assert err < 1e-4, err
