@@ -90,7 +90,7 @@ class Block:
         self.norm = {b.prev: layer.get_submodule(b.prev).weight.detach().clone() for b in (amap.attn_in, amap.mlp_in)}
         self.let: dict[str, torch.Tensor] = {}
         if cfg.use_let:
-            for b, key in ((amap.attn_in, amap.attn_in.linears[0]), (amap.mlp_in, "mlp.up_proj")):
+            for b, key in ((amap.attn_in, amap.attn_in.linears[0]), (amap.mlp_in, amap.up_down.prev)):
                 self.let[b.prev] = _let_init(act_max[b.linears[0]], self.W[key].abs().amax(0), cfg.alpha)
             o = amap.v_o.linears[0]
             self.let["v_o"] = _let_init(self._per_kv(act_max[o]), self._per_kv(self.W[o].abs().amax(0)), cfg.alpha)
