@@ -5,7 +5,10 @@ cell, against the recorded baseline of that cell; the test checks which gate rep
 
 Not in the battery: SmoothQuant W4A8 falling back to RTN. At alpha 0.5 it does more damage than RTN
 by design (damage ratio 1.07), and its calibration draw alone moves that ratio by up to 10% on the
-default tier's 16 x 512 calibration tokens: the gate cannot tell it from RTN (docs/gate_bands.md)."""
+default tier's 16 x 512 calibration tokens: the gate cannot tell it from RTN (docs/gate_bands.md).
+Nor OmniQuant W4A16 with its clipping frozen at the start (sigmoid(4) = 0.982): one epoch of
+clipping training buys 3.4% of KL there, against a band of 2.9% (measured: damage +3.4%, vs RTN
+0.951 within its band); too close to the noise to gate a pull request on."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -88,10 +91,6 @@ def _no_training(mp):
     mp.setattr(oq_mod, "train_block", lambda *a: {"loss": [], "nonfinite": False})
 
 
-def _frozen_lwc(mp):
-    mp.setattr(oq_mod.Block, "lwc_params", lambda self: [])
-
-
 def _frozen_let(mp):
     mp.setattr(oq_mod.Block, "let_params", lambda self: [])
 
@@ -120,8 +119,6 @@ MUTATIONS = [
              frozenset({"vs_rtn"}), "activation maxima ignored: factors from the weights alone"),
     Mutation("no-training", "omniquant", "w4a8", OMNI_CAL, _no_training, frozenset({"vs_rtn", "damage"}),
              "OmniQuant's training skipped: LET and LWC keep their starting values"),
-    Mutation("frozen-lwc", "omniquant", "w4a16", OMNI_CAL, _frozen_lwc, frozenset({"vs_rtn", "damage"}),
-             "the clipping factors get no optimizer: W4A16 OmniQuant is RTN with a fixed 0.982 clip"),
     Mutation("frozen-let", "omniquant", "w4a8", OMNI_CAL, _frozen_let, frozenset({"vs_rtn", "damage"}),
              "the LET scales get no optimizer: only the clipping learns"),
 ]
