@@ -7,6 +7,8 @@
 # max(1, cores // workers) torch threads (conftest.py): on two cores, two one-thread workers keep
 # both cores busy where one process would leave one idle in GPTQ's single-threaded column loop. The
 # gate's bands absorb the measured 1-vs-2-thread spread (docs/gate_bands.md).
+# Tests of one cell share an xdist group (`--dist loadgroup`, pytest.ini): the worker that builds a
+# cell runs all its tests, and no other worker sits waiting on the cell's build lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

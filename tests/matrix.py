@@ -66,7 +66,11 @@ def cases(tier: Tier) -> list:
                 if (name, bits, settings) in tier.exclude or (not tier.groups and "group_size" in settings):
                     continue
                 cell = make_cell(model, name, bits, settings, tier)
+                # one xdist group per cell (run with --dist loadgroup, pytest.ini): every test of a
+                # cell runs on the worker that builds it, instead of a second worker waiting on the
+                # cell's build lock (up to 3 minutes each at OmniQuant's cells, measured)
                 marks = [getattr(pytest.mark, bits), getattr(pytest.mark, name),
-                         getattr(pytest.mark, SHORT_NAMES.get(model, "tiny")), *tier.marks]
+                         getattr(pytest.mark, SHORT_NAMES.get(model, "tiny")), *tier.marks,
+                         pytest.mark.xdist_group(cell.id)]
                 out.append(pytest.param(cell, marks=marks, id=cell.id))
     return out
