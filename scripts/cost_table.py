@@ -1,5 +1,5 @@
-"""The README's track 3 table: what quantizing each cell cost (wall time from start to end, calibration
-included; peak memory and its counter; the calibration budget), read from the records that every
+"""The track 3 table (docs/track3_measurements.md): what quantizing each cell cost (wall time from
+start to end, calibration included; peak memory and its counter; the calibration budget), read from the records that every
 cached cell carries, and slmq_quant per model and bit width over the methods' default cells.
 RTN is left out of slmq_quant: it calibrates nothing and takes well under a second, so T_max / T
 for it runs into the thousands and says nothing about the methods the score compares (the paper's

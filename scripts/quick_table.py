@@ -1,5 +1,5 @@
-"""The README's quick-profile perplexity table: every cell of the suite (the float model, then each
-registered method's rows) on both bundled models, WikiText-2 on the first 40 windows of 2048 tokens,
+"""The quick-profile perplexity table (docs/track1_measurements.md): every cell of the suite (the
+float model, then each registered method's rows) on both bundled models, WikiText-2 on the first 40 windows of 2048 tokens,
 calibration at the quick profile's budget. Cells and measurements come from the on-disk caches, so
 a rerun is cheap and an interrupted run resumes.
 

@@ -9,9 +9,10 @@ from .methods import get_method
 
 # Calibration budget of the quick profile, applied to the fields a method's config has: 65,536
 # tokens. GPTQ keeps its paper's 128 windows and shortens them to 512 tokens instead: on SmolLM2
-# 32 x 2048 closes 25% of RTN W4A16's gap to float, 128 x 512 54% (README, "GPTQ and the length of
-# its calibration windows"): every window restarts at position 0, and the first positions of a
-# window, whose keys and values every later token reads, are 1/2048 of the Hessian's tokens at 2048.
+# 32 x 2048 closes 25% of RTN W4A16's gap to float, 128 x 512 54% (docs/track1_measurements.md,
+# "GPTQ and the length of its calibration windows"): every window restarts at position 0, and the
+# first positions of a window, whose keys and values every later token reads, are 1/2048 of the
+# Hessian's tokens at 2048.
 QUICK = {"calib_samples": 32, "calib_seqlen": 2048}
 # OmniQuant trains every block on every window for `epochs` passes (the paper: 128 x 2048, 20 epochs,
 # hours on a CPU): 64 windows of 512 tokens, 2 epochs (128 steps a block), sized for a SmolLM2 cell

@@ -4,7 +4,7 @@ measured fresh (no cached results), recorded by pytest-benchmark:
 
     .venv/bin/pytest --runslow --benchmark-only tests/track1_accuracy/test_task_eval_benchmark.py
 
-The target (under 5 minutes on a 2-core CPU) is reported in the README with the measured time; the
+The target (under 5 minutes on a 2-core CPU) is reported in docs/track1_measurements.md with the measured time; the
 test asserts what the run produced, not the wall time (shared machines are noisy)."""
 from __future__ import annotations
 

@@ -149,7 +149,7 @@ def test_w8a8_prefill_speed_target(float_models, quantized):
     speedup = tps_r / tps_f
     if speedup < 1.3 and not (_has_vnni() or torch.cuda.is_available()):
         pytest.xfail(f"prefill x{speedup:.2f} of float32 on {infer_device()}: no int32-accumulating int8 "
-                     "dot product on this CPU (README, track 2)")
+                     "dot product on this CPU (docs/track2_measurements.md)")
     assert speedup >= 1.3
 
 
