@@ -123,6 +123,10 @@ def check_default(cell: Cell, metrics: dict, recorded: dict | None) -> list[Gate
 # the entry is removed, not forgotten. Gates: "damage", "vs_rtn", "ppl", "suspicious", "band" (default
 # tier), "quick_ppl" (quick-profile ceilings and targets), "tasks" (task recovery floors).
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
+    ("quick_ppl", "smollm2-omniquant-w8a8-calib_samples=64-calib_seqlen=512-epochs=2"): (
+        "OmniQuant W8A8 on SmolLM2 (quick profile, 64 x 512 x 2 epochs): 20.696, x1.0153 of float, "
+        "0.03 points over the issue's 1.5%, and above SmoothQuant's alpha-search cell (x1.014); RTN "
+        "x1.0335 (docs/omniquant.md)"),
     ("quick_ppl", "smollm2-smoothquant-w8a8-calib_samples=32-calib_seqlen=2048"): (
         "SmoothQuant W8A8 at alpha 0.5 on SmolLM2 (quick profile): ppl_ratio 1.0161 on AVX-512 (1.017 "
         "on AVX2), short of the issue's 1.5% above float; the alpha-search cell meets it (1.014)"),
@@ -295,10 +299,12 @@ def report(request, failures: list) -> None:
         request.node.user_properties.append(("slmquant_gate_failures", [str(f) for f in failures]))
 
 
-def expect(cell: Cell, failures: list, gates: set[str]) -> None:
+def expect(cell: Cell, failures: list, gates: set[str], xfail: bool = True) -> str | None:
     """Assert the gates of one test (`gates`: the gate names it evaluates): no failure, or, where a
-    gate is a known failure of this cell, that it still fails (then xfail). `failures`: GateFailure
-    objects, or strings for the gate named when `gates` holds exactly one."""
+    gate is a known failure of this cell, that it still fails (then xfail; with xfail=False the
+    reason is returned instead, for a test that still compares its snapshot before it xfails, so
+    that a known failure keeps a recorded baseline). `failures`: GateFailure objects, or strings
+    for the gate named when `gates` holds exactly one."""
     import pytest
     gate_of = lambda f: f.gate if isinstance(f, GateFailure) else next(iter(gates))
     known = {g: r for (g, cid), r in KNOWN_FAILURES.items() if cid == cell.id and g in gates}
@@ -307,8 +313,10 @@ def expect(cell: Cell, failures: list, gates: set[str]) -> None:
     stale = [g for g in known if not any(gate_of(f) == g for f in failures)]
     assert not stale, (f"{cell.id} now passes its {', '.join(stale)} gate: remove it from KNOWN_FAILURES "
                        "in tests/gates.py")
-    if known:
-        pytest.xfail("; ".join(f"[{g}] {r}" for g, r in known.items()))
+    reason = "; ".join(f"[{g}] {r}" for g, r in known.items()) or None
+    if reason and xfail:
+        pytest.xfail(reason)
+    return reason
 
 
 def check(cell: Cell, metrics: dict, gates: dict) -> list[str]:

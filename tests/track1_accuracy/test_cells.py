@@ -47,5 +47,7 @@ def test_cell_quick_profile(cell, float_models, quantized, baseline, request):
                                                                note="the cell barely differs from float")]
     gates.report(request, failures + noop)
     gates.expect(cell, noop, {"suspicious"})
-    gates.expect(cell, failures, {"quick_ppl"})
+    known = gates.expect(cell, failures, {"quick_ppl"}, xfail=False)
     gates.compare_or_skip(request, cell, {"metrics": metrics, "source": fmodel.slmquant_source.ref}, baseline)
+    if known:                                 # after the snapshot: a known failure keeps its baseline
+        pytest.xfail(known)
