@@ -26,6 +26,7 @@ from .arch import set_submodule
 from .errors import SlmquantError
 from .methods import CalibConfig, QuantConfig, get_method
 from .models import _sha256, cache_dir, device_name
+from .attn import AttnInputQuant
 from .quant import QLinear
 
 # Free disk space a cell write must leave behind (GiB): below it, the least recently used entries are
@@ -37,7 +38,8 @@ RESERVE_GB = 4.0
 # The code that draws calibration windows (build() calls it, not the method): part of every cell key.
 CALIB_CODE = hashlib.sha256(Path(data.__file__).read_bytes()).hexdigest()[:16]
 SHORT_NAMES = {"smollm2-135m": "smollm2", "qwen2.5-0.5b": "qwen2"}
-MODULE_TYPES = {"QLinear": QLinear}        # modules a method may install, rebuilt from their meta()
+MODULE_TYPES = {"QLinear": QLinear,        # modules a method may install, rebuilt from their meta()
+                "AttnInputQuant": AttnInputQuant}
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,8 @@ def cell_tensors(model: nn.Module, float_model: nn.Module) -> tuple[dict[str, to
         if type(m).__name__ not in MODULE_TYPES:
             continue
         modules[name] = meta = m.meta()
+        if not hasattr(m, "weight"):
+            continue                                  # no tensors (AttnInputQuant)
         try:
             enc = codes.encode(m.weight, m.w_spec, m.g_idx) if m.w_spec is not None else None
         except SlmquantError:
@@ -246,6 +250,10 @@ def apply_cell_tensors(float_model: nn.Module, tensors: dict[str, torch.Tensor],
     used = set()
     for name, meta in modules.items():
         m = MODULE_TYPES[meta["type"]].from_meta(meta, dtype=dtype, device=device)
+        if not hasattr(m, "weight"):
+            set_submodule(model, name, m)
+            m.after_install(model)
+            continue
         if m.g_idx is not None:
             m.g_idx.copy_(tensors[f"{name}.g_idx"])
             used.add(f"{name}.g_idx")

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attn import AttnInputQuant
 from .codes import grid_of, pack4, unpack4
 from .errors import SlmquantError
 from .quant import QLinear, QSpec, fake_quant
@@ -395,7 +396,7 @@ def save_real(model: nn.Module, tokenizer, folder, record: dict | None = None) -
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layout = {n: m.meta() for n, m in model.named_modules()
-              if isinstance(m, (RealLinear, Int8Embedding, Int8TiedHead))}
+              if isinstance(m, (RealLinear, Int8Embedding, Int8TiedHead, AttnInputQuant))}
     meta = {"config": model.config.to_dict(), "modules": layout, "real": getattr(model, "slmquant_real", {}),
             "record": record or {}}
     tmp = folder / (FILE + ".tmp")
@@ -431,6 +432,9 @@ def load_real(folder, device: str = "cpu") -> tuple[nn.Module, object]:
             set_submodule(model, name, RealLinear.from_meta(m, device=device))
         elif m["type"] == "Int8Embedding":
             set_submodule(model, name, Int8Embedding(m["num"], m["dim"], device=device))
+        elif m["type"] == "AttnInputQuant":                  # rounded attention inputs (OmniQuant)
+            set_submodule(model, name, q := AttnInputQuant.from_meta(m))
+            q.after_install(model)
     for name, m in meta["modules"].items():
         if m["type"] == "Int8TiedHead":
             set_submodule(model, name, Int8TiedHead(model.get_submodule(amap.embed)))

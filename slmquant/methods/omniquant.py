@@ -11,9 +11,12 @@ over its query heads, where the reference raises and LLMC skips; `gqa="llmc"` re
 skip, which trains v_proj on unscaled weights while the folded model keeps the norm scaling);
 the fold is float32 (`fold_fp16` reproduces the reference's fp16 fold); a non-finite loss or
 parameter sends the block back to its last finite state instead of stopping. Shifts are off, as
-the reference does for RMSNorm models (every architecture here); q/k scaling is not learned: Q and K
-are not quantized in the paper's setting, and a per-row scale of q and k rows commutes with per-row
-weight rounding, so it would be inert."""
+the reference does for RMSNorm models (every architecture here). The reference also rounds the
+attention inputs (Q and K after RoPE, V) per (head, token): `quant_attn` does so (slmquant.attn), off
+by default as in the paper's setting. q/k scaling is not learned: with Q and K unrounded it is inert
+(a per-row scale of q and k rows commutes with per-row weight rounding); with `quant_attn` it would
+balance Q's and K's channels before their rounding, but it acts before RoPE, where it is exact only
+if both channels of each rotation pair share a factor: not built (the reference starts it at ones)."""
 from __future__ import annotations
 
 import hashlib
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .. import attn
 from ..arch import arch_map, decoder_layers, heads
 from ..calib import act_absmax, capture_layer_inputs, input_hooks
 from ..errors import SlmquantError
@@ -43,7 +47,9 @@ class OmniQuantConfig(CalibConfig):
     let: learn the equivalent transformation; None: on when activations are quantized (W4A16 is LWC
     only, as the reference's weight-only runs). lwc: learn the clipping (off: plain min/max).
     gqa: "exact" (GQA-aware v -> o) or "llmc" (LLMC's handling, see the module docstring).
-    fold_fp16: fold the LET into float16 weights as the reference code does (default float32)."""
+    fold_fp16: fold the LET into float16 weights as the reference code does (default float32).
+    quant_attn: also round the attention inputs (Q and K after RoPE, V) per (head, token) with the
+    activation spec, in training and in the model, as the reference code does (default off)."""
     sym: bool = False
     epochs: int = 20
     lwc_lr: float = 1e-2
@@ -54,6 +60,7 @@ class OmniQuantConfig(CalibConfig):
     lwc: bool = True
     gqa: str = "exact"
     fold_fp16: bool = False
+    quant_attn: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,6 +70,8 @@ class OmniQuantConfig(CalibConfig):
             raise SlmquantError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.gqa not in ("exact", "llmc"):
             raise SlmquantError(f"gqa must be exact or llmc, got {self.gqa!r}")
+        if self.quant_attn and self.a_bits == 16:
+            raise SlmquantError("quant_attn=true needs quantized activations (a_bits < 16)")
         if self.let and self.a_bits == 16:
             raise SlmquantError("let=true needs quantized activations (a_bits < 16): LET only moves "
                                 "activation outliers into the weights")
@@ -282,6 +291,8 @@ def omniquant(model: nn.Module, calib: torch.Tensor, cfg: OmniQuantConfig, progr
         kw = state.layer_kwargs[i]
         target, act_max = float_pass(layer, amap, fp_in, kw)
         blk = Block(layer, act_max, cfg, amap, hq)
+        if cfg.quant_attn:                  # after the float pass: its targets stay float
+            attn.install(model, layer.get_submodule(amap.v_o.prev.rpartition(".")[0]), cfg.a_spec)
         saved = resume / f"block{i}.pt"
         if saved.exists():
             ck = torch.load(saved, weights_only=True)
