@@ -49,9 +49,10 @@ def parse_cell(spec: str) -> tuple[str, str, dict]:
 
 
 def plan(models: list[str], methods: list[str] | None, only: str | None, skip: str | None = None,
-         extra: list[str] | None = None, calib: str = "quick"):
+         extra: list[str] | None = None, calib: str = "quick", with_float: bool = True):
     for model in models:
-        yield model, None
+        if with_float:
+            yield model, None
         if extra:
             for spec in extra:
                 method, bits, settings = parse_cell(spec)
@@ -77,6 +78,8 @@ def main() -> int:
                    help="a cell outside the suite (repeatable)")
     p.add_argument("--calib", choices=["quick", "paper"], default="quick",
                    help="calibration budget: the quick profile's, or the methods' paper settings")
+    p.add_argument("--no-float", action="store_true",
+                   help="leave out the float row (a Qwen float score costs 10 min on two cores)")
     p.add_argument("--out", default="results/quick_table.json")
     args = p.parse_args()
     out = Path(args.out)
@@ -85,7 +88,7 @@ def main() -> int:
     cells, measures = CellCache(), MeasureCache()
     loaded: dict = {}
     for model_name, cell in plan(args.models.split(","), args.methods and args.methods.split(","),
-                                 args.only, args.skip, args.cell, args.calib):
+                                 args.only, args.skip, args.cell, args.calib, not args.no_float):
         if model_name not in loaded:
             loaded.clear()
             loaded[model_name] = load_model(model_name)
