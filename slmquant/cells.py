@@ -24,6 +24,7 @@ from safetensors.torch import save_file as st_save_file
 from . import codes, cost, data
 from .arch import set_submodule
 from .errors import SlmquantError
+from .files import atomic_path, write_text_atomic
 from .methods import CalibConfig, QuantConfig, get_method
 from .models import _sha256, cache_dir, device_name
 from .attn import AttnInputQuant
@@ -174,15 +175,13 @@ class CellCache:
 
     def _save(self, key: str, model: nn.Module, record: dict, float_model: nn.Module) -> None:
         weights, meta = self.paths(key)
-        tmp = weights.with_suffix(f".tmp{os.getpid()}")
         tensors, modules = cell_tensors(model, float_model)
-        st_save_file(tensors, str(tmp))
-        entry = {"format": FORMAT, "record": record, "modules": modules, "sha256": _sha256(tmp),
-                 "size": tmp.stat().st_size}
-        os.replace(tmp, weights)
-        tmp_meta = meta.with_suffix(f".tmp{os.getpid()}")
-        tmp_meta.write_text(json.dumps(entry, indent=1, default=str))
-        os.replace(tmp_meta, meta)          # the meta file, written last, marks the entry complete
+        with atomic_path(weights) as tmp:
+            st_save_file(tensors, str(tmp))
+            entry = {"format": FORMAT, "record": record, "modules": modules, "sha256": _sha256(tmp),
+                     "size": tmp.stat().st_size}
+        # the meta file, written last, marks the entry complete
+        write_text_atomic(meta, json.dumps(entry, indent=1, default=str))
 
     def _load(self, key: str, float_model: nn.Module):
         weights, meta = self.paths(key)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .attn import AttnInputQuant
 from .codes import grid_of, pack4, unpack4
 from .errors import SlmquantError
+from .files import atomic_path
 from .quant import QLinear, QSpec, fake_quant
 from .quant import quantize as int_quantize
 
@@ -399,9 +400,8 @@ def save_real(model: nn.Module, tokenizer, folder, record: dict | None = None) -
               if isinstance(m, (RealLinear, Int8Embedding, Int8TiedHead, AttnInputQuant))}
     meta = {"config": model.config.to_dict(), "modules": layout, "real": getattr(model, "slmquant_real", {}),
             "record": record or {}}
-    tmp = folder / (FILE + ".tmp")
-    save_file(state_to_save(model), str(tmp), metadata={"slmquant": json.dumps(meta, default=str)})
-    tmp.replace(folder / FILE)
+    with atomic_path(folder / FILE) as tmp:
+        save_file(state_to_save(model), str(tmp), metadata={"slmquant": json.dumps(meta, default=str)})
     tokenizer.save_pretrained(str(folder))
     return {**storage(model), "file_bytes": (folder / FILE).stat().st_size}
 

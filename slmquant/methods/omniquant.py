@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +33,7 @@ from .. import attn
 from ..arch import arch_map, decoder_layers, heads
 from ..calib import act_absmax, capture_layer_inputs, input_hooks
 from ..errors import SlmquantError
+from ..files import atomic_path
 from ..quant import QLinear, fake_quant_ste, lwc_fake_quant
 from . import CalibConfig, register
 
@@ -302,9 +302,8 @@ def omniquant(model: nn.Module, calib: torch.Tensor, cfg: OmniQuantConfig, progr
         else:
             res = train_block(layer, blk, q_in, kw, target, cfg)
             saved.parent.mkdir(parents=True, exist_ok=True)
-            tmp = saved.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"state": blk.state(), "result": res}, tmp)
-            os.replace(tmp, saved)
+            with atomic_path(saved) as tmp:
+                torch.save({"state": blk.state(), "result": res}, tmp)
         info["loss"][i] = res["loss"]
         if res["nonfinite"]:
             info["nonfinite_blocks"].append(i)
