@@ -30,7 +30,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .. import attn
-from ..arch import arch_map, decoder_layers, heads
+from ..arch import arch_map, decoder_layers, heads, kv_max, kv_to_q
 from ..calib import act_absmax, capture_layer_inputs, input_hooks
 from ..errors import SlmquantError
 from ..files import atomic_path
@@ -92,7 +92,7 @@ class Block:
 
     def __init__(self, layer: nn.Module, act_max: dict[str, torch.Tensor], cfg: OmniQuantConfig, amap, hq):
         self.cfg, self.amap = cfg, amap
-        self.n_q, self.n_kv, self.hd = hq
+        self.hq = hq                                    # (query heads, kv heads, head_dim)
         self.W = {n: layer.get_submodule(n).weight.detach().clone() for n in amap.linears}
         self.b = {n: layer.get_submodule(n).bias.detach().clone() for n in amap.linears
                   if layer.get_submodule(n).bias is not None}
@@ -102,17 +102,13 @@ class Block:
             for b, key in ((amap.attn_in, amap.attn_in.linears[0]), (amap.mlp_in, amap.up_down.prev)):
                 self.let[b.prev] = _let_init(act_max[b.linears[0]], self.W[key].abs().amax(0), cfg.alpha)
             o = amap.v_o.linears[0]
-            self.let["v_o"] = _let_init(self._per_kv(act_max[o]), self._per_kv(self.W[o].abs().amax(0)), cfg.alpha)
+            self.let["v_o"] = _let_init(kv_max(act_max[o], hq), kv_max(self.W[o].abs().amax(0), hq), cfg.alpha)
         spec = cfg.w_spec
         rows = lambda W: W.shape[0] * (W.shape[1] // spec.group_size if spec.group_size else 1)
         self.lwc = {n: (torch.full((rows(W),), LWC_INIT, dtype=torch.float32),
                         torch.full((rows(W),), LWC_INIT, dtype=torch.float32)) for n, W in self.W.items()}
         for t in self.params():
             t.requires_grad_(True)
-
-    def _per_kv(self, t: torch.Tensor) -> torch.Tensor:
-        """(n_q * hd,) -> (n_kv * hd,): the max over the query heads of each kv head's group."""
-        return t.view(self.n_kv, self.n_q // self.n_kv, self.hd).amax(1).reshape(-1)
 
     def params(self) -> list[torch.Tensor]:
         return self.let_params() + self.lwc_params()
@@ -156,7 +152,7 @@ class Block:
                 for n in bal.linears:
                     W[n] = W[n] * s                                               # W[:, j] * s_j
         v, o = a.v_o.prev, a.v_o.linears[0]
-        gqa = self.n_kv != self.n_q
+        gqa = self.hq[1] != self.hq[0]
         if cfg.gqa == "llmc" and gqa and not deploy and self.let:
             W[v] = self.W[v]                                  # LLMC: v trained on its raw weights
         if "v_o" in self.let and not (cfg.gqa == "llmc" and gqa):
@@ -164,7 +160,7 @@ class Block:
             W[v] = W[v] / s[:, None]                                              # v rows / s
             if v in b:
                 b[v] = b[v] / s
-            W[o] = W[o] * s.view(self.n_kv, 1, self.hd).expand(-1, self.n_q // self.n_kv, -1).reshape(-1)
+            W[o] = W[o] * kv_to_q(s, self.hq)
         out = {f"{k}.weight": v_.to(self.norm[k].dtype) for k, v_ in norm.items()}
         out.update({f"{k}.bias": v_.to(self.b[k].dtype) for k, v_ in b.items()})
         if not quantize:
