@@ -22,13 +22,14 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
 from . import codes, cost, data
-from .arch import set_submodule
+from .arch import arch_map, set_submodule
 from .errors import SlmquantError
 from .files import atomic_path, write_text_atomic
 from .methods import CalibConfig, QuantConfig, get_method
 from .models import _sha256, cache_dir, device_name
 from .attn import AttnInputQuant
 from .quant import QLinear
+from .rotation import untie_embeddings_
 
 # Free disk space a cell write must leave behind (GiB): below it, the least recently used entries are
 # evicted first, and if that is not enough the cell is returned uncached, with a warning, rather than
@@ -269,6 +270,8 @@ def apply_cell_tensors(float_model: nn.Module, tensors: dict[str, torch.Tensor],
             used.add(f"{name}.bias")
         set_submodule(model, name, m)
     rest = {k: v for k, v in tensors.items() if k not in used}
+    if f"{arch_map(model).lm_head}.weight" in rest:
+        untie_embeddings_(model)                  # the cell untied them (rotations): one copy each
     state = model.state_dict()
     for k, v in rest.items():
         if k not in state or state[k].shape != v.shape:

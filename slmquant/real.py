@@ -32,6 +32,7 @@ from .codes import grid_of, pack4, unpack4
 from .errors import SlmquantError
 from .files import atomic_path
 from .quant import QLinear, QSpec, fake_quant
+from .rotation import fht
 from .quant import quantize as int_quantize
 
 KERNELS = ("onednn_u8s8", "onednn_u7x2", "int_mm", "dequant")
@@ -65,8 +66,9 @@ class RealLinear(nn.Module):
     for groups that are not runs of consecutive channels `g_idx` (int32 (in,): each channel's group)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QSpec, a_spec: QSpec | None,
-                 kernel: str | None = None, device=None, g_idx: bool = False):
+                 kernel: str | None = None, device=None, g_idx: bool = False, had: int | None = None):
         super().__init__()
+        self.had = had                            # online Hadamard of the input (SpinQuant's R4)
         if w_spec.bits not in (4, 8):
             raise SlmquantError(f"real models store 4- or 8-bit weights, got {w_spec.bits}")
         self.in_features, self.out_features, self.w_spec, self.a_spec = in_features, out_features, w_spec, a_spec
@@ -113,7 +115,7 @@ class RealLinear(nn.Module):
             u, scale, zero = grid_of(q.weight[:, order], q.w_spec)
             u = u[:, torch.argsort(order)]
         m = cls(q.in_features, q.out_features, q.bias is not None, q.w_spec, q.a_spec, kernel,
-                device=q.weight.device, g_idx=g_idx is not None)
+                device=q.weight.device, g_idx=g_idx is not None, had=getattr(q, "had", None))
         if g_idx is not None:
             m.g_idx.copy_(g_idx)
         half = 2 ** (q.w_spec.bits - 1)
@@ -141,6 +143,8 @@ class RealLinear(nn.Module):
         return ((g - zero8) * self.scale.unsqueeze(-1)).reshape(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.had is not None:
+            x = fht(x)
         if self.kernel == "dequant":
             return F.linear(fake_quant(x, self.a_spec), self.dequantized(x.dtype),
                             None if self.bias is None else self.bias.to(x.dtype))
@@ -218,13 +222,14 @@ class RealLinear(nn.Module):
         return {"type": "RealLinear", "in": self.in_features, "out": self.out_features,
                 "bias": self.bias is not None, "w_spec": asdict(self.w_spec),
                 "a_spec": asdict(self.a_spec) if self.a_spec else None, "kernel": self.kernel,
-                **({"g_idx": True} if self.g_idx is not None else {})}
+                **({"g_idx": True} if self.g_idx is not None else {}),
+                **({"had": self.had} if self.had is not None else {})}
 
     @classmethod
     def from_meta(cls, meta: dict, device=None) -> "RealLinear":
         return cls(meta["in"], meta["out"], meta["bias"], QSpec(**meta["w_spec"]),
                    QSpec(**meta["a_spec"]) if meta["a_spec"] else None, meta["kernel"], device=device,
-                   g_idx=meta.get("g_idx", False))
+                   g_idx=meta.get("g_idx", False), had=meta.get("had"))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, W={self.w_spec}, "

@@ -111,21 +111,25 @@ def orthogonality_error(R: torch.Tensor) -> float:
 
 def fht(x: torch.Tensor) -> torch.Tensor:
     """x (..., n) -> x H^T / sqrt(n) (each row transformed by H / sqrt(n)), in the input's dtype
-    (computed in at least float32): with n = K * 2^m and H = H_K (x) H_{2^m}, a butterfly over the
-    2^m axis and one (K, K) matmul, n log n work instead of n^2."""
+    (computed in at least float32). With n = K * 2^m and H = H_K (x) H_{2^m}, a row viewed as a
+    (K, 2^m) matrix X becomes H_K X H_{2^m}^T: two small matmuls (K^2 + 4^m per K * 2^m values)
+    instead of one n^2 product; a butterfly did the same work in more, slower elementwise passes."""
     n = x.shape[-1]
     k, p = factor(n)
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = x.to(dt).reshape(*x.shape[:-1], k, p)
-    h = 1
-    while h < p:                                                    # Sylvester butterfly, in place of H_{2^m}
-        y = y.reshape(*y.shape[:-1], p // (2 * h), 2, h)
-        y = torch.cat([y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]], -1)
-        y = y.reshape(*x.shape[:-1], k, p)
-        h *= 2
+    Hk, Hp = _factors(n, dt, x.device)
+    y = x.to(dt).reshape(*x.shape[:-1], k, p) @ Hp.T
     if k > 1:
-        y = torch.einsum("ij,...jb->...ib", _hadamard(k).to(dt) if k > 2 else _sylvester(1).to(dt), y)
-    return (y.reshape(x.shape) / math.sqrt(n)).to(x.dtype)
+        y = Hk @ y
+    return y.reshape(x.shape).to(x.dtype)
+
+
+@lru_cache(maxsize=None)
+def _factors(n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H_K, H_{2^m} / sqrt(n)) for fht, built once per order, dtype and device."""
+    k, p = factor(n)
+    Hk = _sylvester(1) if k == 2 else (_paley(k) if k > 2 else torch.ones(1, 1, dtype=torch.float64))
+    return Hk.to(dtype=dtype, device=device), (_sylvester(p.bit_length() - 1) / math.sqrt(n)).to(dtype=dtype, device=device)
 
 
 def check_rotatable(model: nn.Module) -> None:
