@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from .errors import SlmquantError
@@ -69,6 +70,20 @@ def heads(model: nn.Module) -> tuple[int, int, int]:
     c = model.config
     n_q, n_kv = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
     return n_q, n_kv, getattr(c, "head_dim", None) or c.hidden_size // n_q
+
+
+def kv_max(t: torch.Tensor, hq: tuple[int, int, int]) -> torch.Tensor:
+    """(n_q * hd,) per-channel statistics of the query heads -> (n_kv * hd,): for each key/value
+    channel, the max over the query heads of its GQA group."""
+    n_q, n_kv, hd = hq
+    return t.view(n_kv, n_q // n_kv, hd).amax(1).reshape(-1)
+
+
+def kv_to_q(s: torch.Tensor, hq: tuple[int, int, int]) -> torch.Tensor:
+    """(n_kv * hd,) factors of the key/value channels -> (n_q * hd,): each repeated over the query
+    heads of its group (e.g. o_proj's input columns for a factor folded into v_proj's rows)."""
+    n_q, n_kv, hd = hq
+    return s.view(n_kv, 1, hd).expand(-1, n_q // n_kv, -1).reshape(-1)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

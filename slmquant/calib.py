@@ -71,8 +71,12 @@ def walk_layers(model: nn.Module, windows: torch.Tensor, fn) -> None:
 
 @contextmanager
 def input_hooks(modules: dict[str, nn.Module], collect):
-    """Call collect(name, x) with the input x of each module on every forward, inside the block."""
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: collect(n, args[0])) for n, m in modules.items()]
+    """Call collect(name, x) with the input x of each module on every forward, inside the block: the
+    input its weights see (after a QLinear's online Hadamard, `prepare_input`)."""
+    def hook(mod, args, n):
+        prep = getattr(mod, "prepare_input", None)
+        collect(n, args[0] if prep is None else prep(args[0]))
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in modules.items()]
     try:
         yield
     finally:

@@ -22,11 +22,14 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
 from . import codes, cost, data
-from .arch import set_submodule
+from .arch import arch_map, set_submodule
 from .errors import SlmquantError
+from .files import atomic_path, write_text_atomic
 from .methods import CalibConfig, QuantConfig, get_method
 from .models import _sha256, cache_dir, device_name
+from .attn import AttnInputQuant
 from .quant import QLinear
+from .rotation import untie_embeddings_
 
 # Free disk space a cell write must leave behind (GiB): below it, the least recently used entries are
 # evicted first, and if that is not enough the cell is returned uncached, with a warning, rather than
@@ -37,7 +40,8 @@ RESERVE_GB = 4.0
 # The code that draws calibration windows (build() calls it, not the method): part of every cell key.
 CALIB_CODE = hashlib.sha256(Path(data.__file__).read_bytes()).hexdigest()[:16]
 SHORT_NAMES = {"smollm2-135m": "smollm2", "qwen2.5-0.5b": "qwen2"}
-MODULE_TYPES = {"QLinear": QLinear}        # modules a method may install, rebuilt from their meta()
+MODULE_TYPES = {"QLinear": QLinear,        # modules a method may install, rebuilt from their meta()
+                "AttnInputQuant": AttnInputQuant}
 
 
 @dataclass(frozen=True)
@@ -172,15 +176,13 @@ class CellCache:
 
     def _save(self, key: str, model: nn.Module, record: dict, float_model: nn.Module) -> None:
         weights, meta = self.paths(key)
-        tmp = weights.with_suffix(f".tmp{os.getpid()}")
         tensors, modules = cell_tensors(model, float_model)
-        st_save_file(tensors, str(tmp))
-        entry = {"format": FORMAT, "record": record, "modules": modules, "sha256": _sha256(tmp),
-                 "size": tmp.stat().st_size}
-        os.replace(tmp, weights)
-        tmp_meta = meta.with_suffix(f".tmp{os.getpid()}")
-        tmp_meta.write_text(json.dumps(entry, indent=1, default=str))
-        os.replace(tmp_meta, meta)          # the meta file, written last, marks the entry complete
+        with atomic_path(weights) as tmp:
+            st_save_file(tensors, str(tmp))
+            entry = {"format": FORMAT, "record": record, "modules": modules, "sha256": _sha256(tmp),
+                     "size": tmp.stat().st_size}
+        # the meta file, written last, marks the entry complete
+        write_text_atomic(meta, json.dumps(entry, indent=1, default=str))
 
     def _load(self, key: str, float_model: nn.Module):
         weights, meta = self.paths(key)
@@ -215,6 +217,8 @@ def cell_tensors(model: nn.Module, float_model: nn.Module) -> tuple[dict[str, to
         if type(m).__name__ not in MODULE_TYPES:
             continue
         modules[name] = meta = m.meta()
+        if not hasattr(m, "weight"):
+            continue                                  # no tensors (AttnInputQuant)
         try:
             enc = codes.encode(m.weight, m.w_spec, m.g_idx) if m.w_spec is not None else None
         except SlmquantError:
@@ -246,6 +250,10 @@ def apply_cell_tensors(float_model: nn.Module, tensors: dict[str, torch.Tensor],
     used = set()
     for name, meta in modules.items():
         m = MODULE_TYPES[meta["type"]].from_meta(meta, dtype=dtype, device=device)
+        if not hasattr(m, "weight"):
+            set_submodule(model, name, m)
+            m.after_install(model)
+            continue
         if m.g_idx is not None:
             m.g_idx.copy_(tensors[f"{name}.g_idx"])
             used.add(f"{name}.g_idx")
@@ -262,6 +270,8 @@ def apply_cell_tensors(float_model: nn.Module, tensors: dict[str, torch.Tensor],
             used.add(f"{name}.bias")
         set_submodule(model, name, m)
     rest = {k: v for k, v in tensors.items() if k not in used}
+    if f"{arch_map(model).lm_head}.weight" in rest:
+        untie_embeddings_(model)                  # the cell untied them (rotations): one copy each
     state = model.state_dict()
     for k, v in rest.items():
         if k not in state or state[k].shape != v.shape:

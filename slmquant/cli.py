@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import SlmquantError
+from .files import write_text_atomic
 
 
 def _versions() -> dict:
@@ -273,9 +274,7 @@ def cmd_run(args) -> dict:
         if res is None or want is None or res.get("run_identity") != want:
             res = cmd_eval(ns)
             res["run_identity"] = want
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(res, indent=1, default=str))
-            os.replace(tmp, path)
+            write_text_atomic(path, json.dumps(res, indent=1, default=str))
         results[name] = res
         fppl = results["float"]["wikitext2"]["ppl"]
         q = res.get("quantization", {}).get("cost", {})

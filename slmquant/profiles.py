@@ -17,8 +17,13 @@ QUICK = {"calib_samples": 32, "calib_seqlen": 2048}
 # OmniQuant trains every block on every window for `epochs` passes (the paper: 128 x 2048, 20 epochs,
 # hours on a CPU): 64 windows of 512 tokens, 2 epochs (128 steps a block), sized for a SmolLM2 cell
 # in about 10 min and a Qwen2.5-0.5B cell in about 40 on two cores (docs/omniquant.md).
+# SpinQuant learns its rotations for 50 Cayley steps of one 512-token window each (the reference: 100
+# steps of 8 windows of 2048 tokens) and rounds with GPTQ on GPTQ's quick calibration: about 10-20 s a
+# SmolLM2 step measured with another job on the cores, so a SmolLM2 cell in about 15 min (an estimate,
+# not yet timed on a whole build; docs/spinquant.md).
 QUICK_BY_METHOD = {"gptq": {"calib_samples": 128, "calib_seqlen": 512},
-                   "omniquant": {"calib_samples": 64, "calib_seqlen": 512, "epochs": 2}}
+                   "omniquant": {"calib_samples": 64, "calib_seqlen": 512, "epochs": 2},
+                   "spinquant": {"calib_samples": 128, "calib_seqlen": 512, "steps": 50}}
 
 # The pull-request gate (and the quick profile's default task sample): the five tasks of slmq_perf on
 # a seeded sample of this many items each, sized so that one cell of the whole SmolLM2 scores all

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import SlmquantError
+from .rotation import fht
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
 
@@ -177,11 +178,17 @@ class QLinear(nn.Module):
     activations quantized on the fly (per token, dynamic) when a_spec is given.
     x: (..., in_features) -> (..., out_features).
     g_idx (buffer, group weights only, optional): the group of each input channel, where groups are
-    not runs of consecutive channels (GPTQ with act_order, groups in rounding order)."""
+    not runs of consecutive channels (GPTQ with act_order, groups in rounding order).
+    had: the input is first rotated online by the fast Hadamard transform of this width (SpinQuant's
+    R4, whose offline half is in the weights); `prepare_input` is what the weights see."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QSpec | None,
-                 a_spec: QSpec | None, dtype=torch.float32, device=None, g_idx: bool = False):
+                 a_spec: QSpec | None, dtype=torch.float32, device=None, g_idx: bool = False,
+                 had: int | None = None):
         super().__init__()
+        if had is not None and had != in_features:
+            raise SlmquantError(f"an online Hadamard of width {had} on a linear of {in_features} inputs")
+        self.had = had
         if g_idx and (w_spec is None or w_spec.granularity != "group"):
             raise SlmquantError(f"a group index needs a group-wise weight spec, got {w_spec}")
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device)
@@ -198,12 +205,14 @@ class QLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, w_spec: QSpec | None, a_spec: QSpec | None,
                     weight: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> "QLinear":
         """Quantize `weight` (default: linear.weight) with w_spec; `weight` may come already rounded
-        (GPTQ) and then w_spec only describes it, with `g_idx` its channels' groups if not consecutive."""
+        (GPTQ) and then w_spec only describes it, with `g_idx` its channels' groups if not consecutive.
+        An online Hadamard of `linear` (a QLinear) is kept."""
         if g_idx is not None and weight is None:
             raise SlmquantError("a group index describes weights rounded elsewhere: pass them as `weight`")
         W = linear.weight if weight is None else weight
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, w_spec, a_spec,
-                dtype=linear.weight.dtype, device=linear.weight.device, g_idx=g_idx is not None)
+                dtype=linear.weight.dtype, device=linear.weight.device, g_idx=g_idx is not None,
+                had=getattr(linear, "had", None))
         q.weight.copy_(fake_quant(W, w_spec) if weight is None else W)
         if g_idx is not None:
             q.g_idx.copy_(g_idx)
@@ -211,8 +220,11 @@ class QLinear(nn.Module):
             q.bias.copy_(linear.bias)
         return q
 
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.had is None else fht(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fake_quant(x, self.a_spec), self.weight, self.bias)
+        return F.linear(fake_quant(self.prepare_input(x), self.a_spec), self.weight, self.bias)
 
     def meta(self) -> dict:
         """What is needed to rebuild this module around a saved state dict."""
@@ -221,14 +233,16 @@ class QLinear(nn.Module):
                 "bias": self.bias is not None,
                 "w_spec": asdict(self.w_spec) if self.w_spec else None,
                 "a_spec": asdict(self.a_spec) if self.a_spec else None,
-                **({"g_idx": True} if self.g_idx is not None else {})}
+                **({"g_idx": True} if self.g_idx is not None else {}),
+                **({"had": self.had} if self.had is not None else {})}
 
     @classmethod
     def from_meta(cls, meta: dict, dtype=torch.float32, device=None) -> "QLinear":
         spec = lambda d: QSpec(**d) if d else None
         return cls(meta["in"], meta["out"], meta["bias"], spec(meta["w_spec"]), spec(meta["a_spec"]),
-                   dtype=dtype, device=device, g_idx=meta.get("g_idx", False))
+                   dtype=dtype, device=device, g_idx=meta.get("g_idx", False), had=meta.get("had"))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
-                f"W={self.w_spec or 'float'}, A={self.a_spec or 'float'}")
+                f"W={self.w_spec or 'float'}, A={self.a_spec or 'float'}"
+                + (f", online Hadamard {self.had}" if self.had is not None else ""))

@@ -27,9 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attn import AttnInputQuant
 from .codes import grid_of, pack4, unpack4
 from .errors import SlmquantError
+from .files import atomic_path
 from .quant import QLinear, QSpec, fake_quant
+from .rotation import fht
 from .quant import quantize as int_quantize
 
 KERNELS = ("onednn_u8s8", "onednn_u7x2", "int_mm", "dequant")
@@ -63,8 +66,9 @@ class RealLinear(nn.Module):
     for groups that are not runs of consecutive channels `g_idx` (int32 (in,): each channel's group)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QSpec, a_spec: QSpec | None,
-                 kernel: str | None = None, device=None, g_idx: bool = False):
+                 kernel: str | None = None, device=None, g_idx: bool = False, had: int | None = None):
         super().__init__()
+        self.had = had                            # online Hadamard of the input (SpinQuant's R4)
         if w_spec.bits not in (4, 8):
             raise SlmquantError(f"real models store 4- or 8-bit weights, got {w_spec.bits}")
         self.in_features, self.out_features, self.w_spec, self.a_spec = in_features, out_features, w_spec, a_spec
@@ -111,7 +115,7 @@ class RealLinear(nn.Module):
             u, scale, zero = grid_of(q.weight[:, order], q.w_spec)
             u = u[:, torch.argsort(order)]
         m = cls(q.in_features, q.out_features, q.bias is not None, q.w_spec, q.a_spec, kernel,
-                device=q.weight.device, g_idx=g_idx is not None)
+                device=q.weight.device, g_idx=g_idx is not None, had=getattr(q, "had", None))
         if g_idx is not None:
             m.g_idx.copy_(g_idx)
         half = 2 ** (q.w_spec.bits - 1)
@@ -139,6 +143,8 @@ class RealLinear(nn.Module):
         return ((g - zero8) * self.scale.unsqueeze(-1)).reshape(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.had is not None:
+            x = fht(x)
         if self.kernel == "dequant":
             return F.linear(fake_quant(x, self.a_spec), self.dequantized(x.dtype),
                             None if self.bias is None else self.bias.to(x.dtype))
@@ -216,13 +222,14 @@ class RealLinear(nn.Module):
         return {"type": "RealLinear", "in": self.in_features, "out": self.out_features,
                 "bias": self.bias is not None, "w_spec": asdict(self.w_spec),
                 "a_spec": asdict(self.a_spec) if self.a_spec else None, "kernel": self.kernel,
-                **({"g_idx": True} if self.g_idx is not None else {})}
+                **({"g_idx": True} if self.g_idx is not None else {}),
+                **({"had": self.had} if self.had is not None else {})}
 
     @classmethod
     def from_meta(cls, meta: dict, device=None) -> "RealLinear":
         return cls(meta["in"], meta["out"], meta["bias"], QSpec(**meta["w_spec"]),
                    QSpec(**meta["a_spec"]) if meta["a_spec"] else None, meta["kernel"], device=device,
-                   g_idx=meta.get("g_idx", False))
+                   g_idx=meta.get("g_idx", False), had=meta.get("had"))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, W={self.w_spec}, "
@@ -395,12 +402,11 @@ def save_real(model: nn.Module, tokenizer, folder, record: dict | None = None) -
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layout = {n: m.meta() for n, m in model.named_modules()
-              if isinstance(m, (RealLinear, Int8Embedding, Int8TiedHead))}
+              if isinstance(m, (RealLinear, Int8Embedding, Int8TiedHead, AttnInputQuant))}
     meta = {"config": model.config.to_dict(), "modules": layout, "real": getattr(model, "slmquant_real", {}),
             "record": record or {}}
-    tmp = folder / (FILE + ".tmp")
-    save_file(state_to_save(model), str(tmp), metadata={"slmquant": json.dumps(meta, default=str)})
-    tmp.replace(folder / FILE)
+    with atomic_path(folder / FILE) as tmp:
+        save_file(state_to_save(model), str(tmp), metadata={"slmquant": json.dumps(meta, default=str)})
     tokenizer.save_pretrained(str(folder))
     return {**storage(model), "file_bytes": (folder / FILE).stat().st_size}
 
@@ -431,6 +437,9 @@ def load_real(folder, device: str = "cpu") -> tuple[nn.Module, object]:
             set_submodule(model, name, RealLinear.from_meta(m, device=device))
         elif m["type"] == "Int8Embedding":
             set_submodule(model, name, Int8Embedding(m["num"], m["dim"], device=device))
+        elif m["type"] == "AttnInputQuant":                  # rounded attention inputs (OmniQuant)
+            set_submodule(model, name, q := AttnInputQuant.from_meta(m))
+            q.after_install(model)
     for name, m in meta["modules"].items():
         if m["type"] == "Int8TiedHead":
             set_submodule(model, name, Int8TiedHead(model.get_submodule(amap.embed)))

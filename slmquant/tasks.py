@@ -32,6 +32,7 @@ import torch
 
 from . import data
 from .errors import SlmquantError
+from .files import atomic_path
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "mmlu_cloze", "mmlu")
 PER_ITEM = ("doc_ids", "correct", "correct_norm", "lls")     # per-item fields of a TaskResult
@@ -141,11 +142,9 @@ def task_folder(tasks: list[str], settings: TaskSettings, root: Path | None = No
         if not (jsonl.is_file() and yaml.is_file() and idx_file.is_file()):
             docs = documents(task, root)
             idx = sample_indices(len(docs), settings.limit, settings.seed)
-            tmp = jsonl.with_suffix(".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_path(jsonl) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 for i in idx:
                     f.write(json.dumps(docs[i], ensure_ascii=False) + "\n")
-            tmp.replace(jsonl)
             idx_file.write_text(json.dumps(idx))
             yaml.write_text(YAML.format(task=task, path=json.dumps(str(jsonl)), version=FORMAT_VERSION))
         used[task] = json.loads(idx_file.read_text())

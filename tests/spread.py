@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from slmquant.files import write_text_atomic
+
 
 def environment() -> dict:
     return {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -37,7 +39,6 @@ def environment() -> dict:
 
 
 def measure(out: Path, seed: int | None, threads: int | None, select: str | None) -> dict:
-    from slmquant import evaluate
     from slmquant.cells import build
     from slmquant.models import load_model
     from tests import gates
@@ -65,9 +66,7 @@ def measure(out: Path, seed: int | None, threads: int | None, select: str | None
         doc["cells"][cell.id.replace(f"-seed={seed}", "")] = {**m, "build_s": round(time.perf_counter() - t0, 1)}
         print(f"{cell.id}: kl {m['kl']:.5f} ppl_ratio {m['ppl_ratio']:.4f}", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, out)
+        write_text_atomic(out, json.dumps(doc, indent=1))
     return doc
 
 

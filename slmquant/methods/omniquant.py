@@ -11,14 +11,16 @@ over its query heads, where the reference raises and LLMC skips; `gqa="llmc"` re
 skip, which trains v_proj on unscaled weights while the folded model keeps the norm scaling);
 the fold is float32 (`fold_fp16` reproduces the reference's fp16 fold); a non-finite loss or
 parameter sends the block back to its last finite state instead of stopping. Shifts are off, as
-the reference does for RMSNorm models (every architecture here); q/k scaling is not learned: Q and K
-are not quantized in the paper's setting, and a per-row scale of q and k rows commutes with per-row
-weight rounding, so it would be inert."""
+the reference does for RMSNorm models (every architecture here). The reference also rounds the
+attention inputs (Q and K after RoPE, V) per (head, token): `quant_attn` does so (slmquant.attn), off
+by default as in the paper's setting. q/k scaling is not learned: with Q and K unrounded it is inert
+(a per-row scale of q and k rows commutes with per-row weight rounding); with `quant_attn` it would
+balance Q's and K's channels before their rounding, but it acts before RoPE, where it is exact only
+if both channels of each rotation pair share a factor: not built (the reference starts it at ones)."""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,9 +29,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..arch import arch_map, decoder_layers, heads
+from .. import attn
+from ..arch import arch_map, decoder_layers, heads, kv_max, kv_to_q
 from ..calib import act_absmax, capture_layer_inputs, input_hooks
 from ..errors import SlmquantError
+from ..files import atomic_path
 from ..quant import QLinear, fake_quant_ste, lwc_fake_quant
 from . import CalibConfig, register
 
@@ -43,7 +47,9 @@ class OmniQuantConfig(CalibConfig):
     let: learn the equivalent transformation; None: on when activations are quantized (W4A16 is LWC
     only, as the reference's weight-only runs). lwc: learn the clipping (off: plain min/max).
     gqa: "exact" (GQA-aware v -> o) or "llmc" (LLMC's handling, see the module docstring).
-    fold_fp16: fold the LET into float16 weights as the reference code does (default float32)."""
+    fold_fp16: fold the LET into float16 weights as the reference code does (default float32).
+    quant_attn: also round the attention inputs (Q and K after RoPE, V) per (head, token) with the
+    activation spec, in training and in the model, as the reference code does (default off)."""
     sym: bool = False
     epochs: int = 20
     lwc_lr: float = 1e-2
@@ -54,6 +60,7 @@ class OmniQuantConfig(CalibConfig):
     lwc: bool = True
     gqa: str = "exact"
     fold_fp16: bool = False
+    quant_attn: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,6 +70,8 @@ class OmniQuantConfig(CalibConfig):
             raise SlmquantError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.gqa not in ("exact", "llmc"):
             raise SlmquantError(f"gqa must be exact or llmc, got {self.gqa!r}")
+        if self.quant_attn and self.a_bits == 16:
+            raise SlmquantError("quant_attn=true needs quantized activations (a_bits < 16)")
         if self.let and self.a_bits == 16:
             raise SlmquantError("let=true needs quantized activations (a_bits < 16): LET only moves "
                                 "activation outliers into the weights")
@@ -83,7 +92,7 @@ class Block:
 
     def __init__(self, layer: nn.Module, act_max: dict[str, torch.Tensor], cfg: OmniQuantConfig, amap, hq):
         self.cfg, self.amap = cfg, amap
-        self.n_q, self.n_kv, self.hd = hq
+        self.hq = hq                                    # (query heads, kv heads, head_dim)
         self.W = {n: layer.get_submodule(n).weight.detach().clone() for n in amap.linears}
         self.b = {n: layer.get_submodule(n).bias.detach().clone() for n in amap.linears
                   if layer.get_submodule(n).bias is not None}
@@ -93,17 +102,13 @@ class Block:
             for b, key in ((amap.attn_in, amap.attn_in.linears[0]), (amap.mlp_in, amap.up_down.prev)):
                 self.let[b.prev] = _let_init(act_max[b.linears[0]], self.W[key].abs().amax(0), cfg.alpha)
             o = amap.v_o.linears[0]
-            self.let["v_o"] = _let_init(self._per_kv(act_max[o]), self._per_kv(self.W[o].abs().amax(0)), cfg.alpha)
+            self.let["v_o"] = _let_init(kv_max(act_max[o], hq), kv_max(self.W[o].abs().amax(0), hq), cfg.alpha)
         spec = cfg.w_spec
         rows = lambda W: W.shape[0] * (W.shape[1] // spec.group_size if spec.group_size else 1)
         self.lwc = {n: (torch.full((rows(W),), LWC_INIT, dtype=torch.float32),
                         torch.full((rows(W),), LWC_INIT, dtype=torch.float32)) for n, W in self.W.items()}
         for t in self.params():
             t.requires_grad_(True)
-
-    def _per_kv(self, t: torch.Tensor) -> torch.Tensor:
-        """(n_q * hd,) -> (n_kv * hd,): the max over the query heads of each kv head's group."""
-        return t.view(self.n_kv, self.n_q // self.n_kv, self.hd).amax(1).reshape(-1)
 
     def params(self) -> list[torch.Tensor]:
         return self.let_params() + self.lwc_params()
@@ -147,7 +152,7 @@ class Block:
                 for n in bal.linears:
                     W[n] = W[n] * s                                               # W[:, j] * s_j
         v, o = a.v_o.prev, a.v_o.linears[0]
-        gqa = self.n_kv != self.n_q
+        gqa = self.hq[1] != self.hq[0]
         if cfg.gqa == "llmc" and gqa and not deploy and self.let:
             W[v] = self.W[v]                                  # LLMC: v trained on its raw weights
         if "v_o" in self.let and not (cfg.gqa == "llmc" and gqa):
@@ -155,7 +160,7 @@ class Block:
             W[v] = W[v] / s[:, None]                                              # v rows / s
             if v in b:
                 b[v] = b[v] / s
-            W[o] = W[o] * s.view(self.n_kv, 1, self.hd).expand(-1, self.n_q // self.n_kv, -1).reshape(-1)
+            W[o] = W[o] * kv_to_q(s, self.hq)
         out = {f"{k}.weight": v_.to(self.norm[k].dtype) for k, v_ in norm.items()}
         out.update({f"{k}.bias": v_.to(self.b[k].dtype) for k, v_ in b.items()})
         if not quantize:
@@ -282,6 +287,8 @@ def omniquant(model: nn.Module, calib: torch.Tensor, cfg: OmniQuantConfig, progr
         kw = state.layer_kwargs[i]
         target, act_max = float_pass(layer, amap, fp_in, kw)
         blk = Block(layer, act_max, cfg, amap, hq)
+        if cfg.quant_attn:                  # after the float pass: its targets stay float
+            attn.install(model, layer.get_submodule(amap.v_o.prev.rpartition(".")[0]), cfg.a_spec)
         saved = resume / f"block{i}.pt"
         if saved.exists():
             ck = torch.load(saved, weights_only=True)
@@ -291,9 +298,8 @@ def omniquant(model: nn.Module, calib: torch.Tensor, cfg: OmniQuantConfig, progr
         else:
             res = train_block(layer, blk, q_in, kw, target, cfg)
             saved.parent.mkdir(parents=True, exist_ok=True)
-            tmp = saved.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"state": blk.state(), "result": res}, tmp)
-            os.replace(tmp, saved)
+            with atomic_path(saved) as tmp:
+                torch.save({"state": blk.state(), "result": res}, tmp)
         info["loss"][i] = res["loss"]
         if res["nonfinite"]:
             info["nonfinite_blocks"].append(i)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..arch import arch_map, decoder_layers, heads
+from ..arch import arch_map, decoder_layers, heads, kv_max, kv_to_q
 from ..calib import act_absmax, input_hooks, run_layer, walk_layers
 from ..errors import SlmquantError
 from ..quant import QLinear
@@ -72,14 +72,13 @@ def smooth_norm_(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor, off
 
 
 @torch.no_grad()
-def smooth_vo_(v: nn.Linear, o: nn.Linear, s_kv: torch.Tensor, group: int, head_dim: int) -> None:
+def smooth_vo_(v: nn.Linear, o: nn.Linear, s_kv: torch.Tensor, hq: tuple[int, int, int]) -> None:
     """Divide v's output channels by s (one factor per kv channel) and multiply o's input columns
     by the same factor for every query head of the group: attention is linear in v."""
     v.weight.copy_((v.weight.double() / s_kv[:, None]).to(v.weight.dtype))
     if v.bias is not None:
         v.bias.copy_((v.bias.double() / s_kv).to(v.bias.dtype))
-    s_o = s_kv.view(-1, 1, head_dim).expand(-1, group, head_dim).reshape(-1)     # kv head -> its q heads
-    o.weight.copy_((o.weight.double() * s_o).to(o.weight.dtype))
+    o.weight.copy_((o.weight.double() * kv_to_q(s_kv, hq)).to(o.weight.dtype))
 
 
 @torch.no_grad()
@@ -102,7 +101,6 @@ def collect_act_max(model: nn.Module, windows: torch.Tensor, progress: bool = Tr
 def smooth_layer_(layer: nn.Module, i: int, act_max: dict[str, torch.Tensor], alpha: float, amap, hq: tuple,
                   smooth_vo: bool = True) -> None:
     """Smooth one decoder layer in place (its float output is unchanged)."""
-    n_q, n_kv, hd = hq
     for b in (amap.attn_in, amap.mlp_in):
         lins = [layer.get_submodule(n) for n in b.linears]
         w_max = torch.stack([l.weight.abs().amax(0) for l in lins]).amax(0)       # max over rows
@@ -110,11 +108,9 @@ def smooth_layer_(layer: nn.Module, i: int, act_max: dict[str, torch.Tensor], al
         smooth_norm_(layer.get_submodule(b.prev), lins, s, b.prev_offset)
     if smooth_vo:
         v, o = layer.get_submodule(amap.v_o.prev), layer.get_submodule(amap.v_o.linears[0])
-        group = n_q // n_kv
-        per_head = lambda t: t.view(n_kv, group, hd).amax(1).reshape(-1)           # reduce a group
-        x_max = per_head(act_max[f"{i}.{amap.v_o.linears[0]}"])
-        w_max = per_head(o.weight.abs().amax(0))
-        smooth_vo_(v, o, smoothing_scales(x_max, w_max, alpha), group, hd)
+        x_max = kv_max(act_max[f"{i}.{amap.v_o.linears[0]}"], hq)
+        w_max = kv_max(o.weight.abs().amax(0), hq)
+        smooth_vo_(v, o, smoothing_scales(x_max, w_max, alpha), hq)
 
 
 @torch.no_grad()

@@ -84,7 +84,8 @@ def test_quantize_settings_and_errors(capsys, tmp_path):
 def test_run_writes_resumable_results(monkeypatch, tmp_path, capsys):
     from slmquant import evaluate, profiles
     monkeypatch.setattr(evaluate, "QUICK_WINDOWS", 1)
-    monkeypatch.setattr(profiles, "QUICK", {"calib_samples": 2, "calib_seqlen": 256, "epochs": 1})  # cheap
+    monkeypatch.setattr(profiles, "QUICK", {"calib_samples": 2, "calib_seqlen": 256, "epochs": 1,  # cheap
+                                            "steps": 1, "weights": "rtn"})
     monkeypatch.setattr(profiles, "QUICK_BY_METHOD", {})
     assert main(["run", "--out", str(tmp_path), "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,7 +1,5 @@
 import hashlib
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 import torch

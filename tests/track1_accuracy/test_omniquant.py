@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from slmquant import attn
 from slmquant.arch import arch_map, decoder_layers, heads
 from slmquant.calib import capture_layer_inputs
 from slmquant.methods import make_config, quantize
@@ -57,15 +58,19 @@ def test_let_fold_keeps_the_float_output(arch, perturb):
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
-@pytest.mark.parametrize("bits", ["w4a8", "w4a16", "w8a8"])
+@pytest.mark.parametrize("bits", ["w4a8", "w4a16", "w8a8", "w4a8-quant_attn"])
 def test_trained_block_is_the_folded_block(arch, bits):
-    """The training forward (functional weights, straight-through activation rounding in hooks)
-    and the folded block (QLinears) compute the same function after training."""
+    """The training forward (functional weights, straight-through activation rounding in hooks;
+    with quant_attn, the attention inputs rounded straight-through) and the folded block (QLinears)
+    compute the same function after training."""
     model, _ = tiny_model(arch, seed=5)
     calib = torch.randint(0, 5000, (2, 32))
-    cfg = make_config("omniquant", bits, {**TINY, "epochs": 3})
+    bits, _, qa = bits.partition("-")
+    cfg = make_config("omniquant", bits, {**TINY, "epochs": 3, **({"quant_attn": True} if qa else {})})
     layer, blk, x, kw = next(_blocks(model, calib, cfg, 0.0))
     target, _ = oq.float_pass(layer, arch_map(model), x, kw)
+    if qa:
+        attn.install(model, layer.self_attn, cfg.a_spec)
     res = oq.train_block(layer, blk, x, kw, target, cfg)
     assert len(res["loss"]) == 3 and not res["nonfinite"]
     hooks = oq._act_quant_hooks(layer, blk.amap, cfg.a_spec)
@@ -105,6 +110,40 @@ def test_llmc_gqa_trains_one_model_and_deploys_another():
         v = "self_attn.v_proj.weight"
         assert (not torch.equal(train[v], deploy[v])) == differs
         assert torch.equal(train["self_attn.q_proj.weight"], deploy["self_attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_quant_attn_rounds_q_k_v_and_survives_the_cell_cache(arch, tmp_path):
+    """quant_attn: every attention module rounds Q (after RoPE), K and V per (head, token) on the
+    activation grid (each input holds at most 2^8 distinct values per head and token), the cell
+    changes the model's output against the same cell without it, and a cached cell restores the
+    rounding: its logits equal the built model's."""
+    from slmquant.cells import Cell, CellCache
+    model, tok = tiny_model(arch, seed=4)
+    ids = torch.randint(0, 5000, (1, 24))
+    cells = {qa: Cell("tiny-" + arch, "omniquant", make_config("omniquant", "w4a8", {**TINY, "epochs": 1,
+                                                                                    "quant_attn": qa}))
+             for qa in (False, True)}
+    cache = CellCache(tmp_path)
+    built, _, fresh = cache.get(cells[True], model, tok)
+    assert fresh and built.config._attn_implementation == attn.NAME
+    assert model.config._attn_implementation != attn.NAME                 # the float model untouched
+    seen = []
+    for layer in decoder_layers(built):
+        q = getattr(layer.self_attn, attn.CHILD)
+        q.register_forward_hook(lambda m, args, out: seen.append(out))
+    with torch.no_grad():
+        out = built(ids).logits
+        plain = cache.get(cells[False], model, tok)[0](ids).logits
+    assert len(seen) == 3 * len(decoder_layers(built))                    # Q, K, V in every layer
+    for t in seen:                                                         # on a per-(head, token) grid
+        levels = max(len(torch.unique(row)) for row in t.reshape(-1, t.shape[-1]))
+        assert levels <= 256
+    assert not torch.allclose(out, plain)
+    again, _, fresh = CellCache(tmp_path).get(cells[True], model, tok)
+    assert not fresh and again.config._attn_implementation == attn.NAME
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, out)
 
 
 @pytest.mark.parametrize("where", ["loss", "param"])
@@ -176,6 +215,8 @@ def test_bad_settings_are_refused(setting, message):
         make_config("omniquant", "w4a8", {k: v})
     with pytest.raises(SlmquantError, match="let=true needs quantized activations"):
         make_config("omniquant", "w4a16", {"let": "true"})
+    with pytest.raises(SlmquantError, match="quant_attn=true needs quantized activations"):
+        make_config("omniquant", "w4a16", {"quant_attn": "true"})
 
 
 @pytest.mark.parametrize("alias", [pytest.param("smollm2-135m", marks=pytest.mark.smollm2),

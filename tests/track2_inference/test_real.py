@@ -161,6 +161,27 @@ def test_real_model_matches_its_fake_quantized_cell(arch, method, bits, over, tm
     assert again.slmquant_real["kernels"] == paths and again.slmquant_record == {"cell": "test"}
 
 
+@pytest.mark.omniquant
+@pytest.mark.w4a8
+def test_a_saved_real_model_keeps_its_rounded_attention_inputs(tmp_path):
+    """OmniQuant with quant_attn: the real model saved and loaded rounds Q, K and V as before."""
+    from slmquant import attn
+    model, tok = tiny_model("qwen2", seed=6)
+    calib = torch.randint(0, 5000, (2, 32))
+    quantize(model, "omniquant", make_config("omniquant", "w4a8", {"calib_samples": 2, "calib_seqlen": 32,
+                                                                   "epochs": 1, "quant_attn": True}), calib)
+    ids = torch.randint(0, 2000, (1, 16))
+    with torch.no_grad():
+        real = to_real(copy.deepcopy(model))
+        out = real(ids).logits
+    save_real(real, tok, tmp_path)
+    again, _ = load_real(tmp_path)
+    assert again.config._attn_implementation == attn.NAME
+    assert sum(isinstance(m, attn.AttnInputQuant) for m in again.modules()) == 2
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, out)
+
+
 def test_int8_embeddings_share_the_tied_head_and_shrink_storage(tmp_path):
     model, tok = tiny_model("llama")
     float16 = storage(model)

@@ -1,0 +1,75 @@
+"""Quantized attention inputs: Q and K after RoPE and V, each rounded per (head, token) with an
+activation spec before the attention product, as OmniQuant's reference code does (its attention
+probabilities stay float). The attention modules of every architecture here (llama, qwen2,
+gemma3_text) hand Q, K and V to the attention function their config names; `install` registers
+one that rounds them for each attention module carrying an `AttnInputQuant` and then calls sdpa
+(whose masks it also takes: Gemma 3's sliding-window mask depends on them), so a layer without one
+is untouched. With a KV cache the cached keys and values are rounded again at each step: per-token
+rounding on the grid is idempotent."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .errors import SlmquantError
+from .quant import QSpec, fake_quant, fake_quant_ste
+
+NAME = "slmquant_qkv"          # the attention function's registered name
+CHILD = "qkv_quant"            # the AttnInputQuant's name under its attention module
+INNER = "sdpa"                 # the attention the rounded inputs go to (the models' default here)
+
+
+class AttnInputQuant(nn.Module):
+    """Rounds an attention input (batch, heads, tokens, head_dim) per (head, token) with `spec`,
+    straight-through when gradients are on (training), plainly otherwise."""
+
+    def __init__(self, spec: QSpec):
+        super().__init__()
+        if spec.granularity != "token":
+            raise SlmquantError(f"attention inputs are rounded per token, got {spec.granularity}")
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (fake_quant_ste if torch.is_grad_enabled() else fake_quant)(x, self.spec)
+
+    def meta(self) -> dict:
+        return {"type": "AttnInputQuant", "spec": asdict(self.spec)}
+
+    @classmethod
+    def from_meta(cls, meta: dict, dtype=None, device=None) -> "AttnInputQuant":
+        return cls(QSpec(**meta["spec"]))
+
+    def after_install(self, model: nn.Module) -> None:
+        """Point the model at the rounding attention function (the config is the whole model's)."""
+        model.config._attn_implementation = NAME
+
+    def extra_repr(self) -> str:
+        return f"QKV={self.spec}"
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    q = getattr(module, CHILD, None)
+    if q is not None:
+        query, key, value = q(query), q(key), q(value)
+    return ALL_ATTENTION_FUNCTIONS[INNER](module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(NAME, _attention)
+AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS[INNER])
+
+
+def install(model: nn.Module, attn: nn.Module, spec: QSpec) -> AttnInputQuant:
+    """Give one attention module rounded inputs from now on (the model's other attention modules
+    keep theirs until they get their own)."""
+    if model.config._attn_implementation not in (INNER, NAME):
+        raise SlmquantError(f"attention implementation {model.config._attn_implementation!r}: rounded "
+                            f"attention inputs need {INNER}")
+    q = AttnInputQuant(spec)
+    setattr(attn, CHILD, q)
+    q.after_install(model)
+    return q

@@ -1,0 +1,271 @@
+"""spinquant: learned rotations (SpinQuant, arXiv 2405.16406), then GPTQ (default) or RTN weights.
+
+Steps: untie tied embeddings -> fuse every RMSNorm weight into the linears that read it (float64)
+-> R4: down_proj's weights take H^T / sqrt(n) offline and its input the fast Hadamard transform
+online (a QLinear `had`) -> R1 (residual stream) and one R2 per layer (value/output heads, shared by
+the heads of a GQA group) start as random Hadamards and are learned by Cayley SGD on the Stiefel
+manifold, minimising the language-model loss of the quantized rotated model with every weight
+frozen -> folded into the weights (no extra operator but R4's online transform) -> weights rounded
+by GPTQ on the rotated model (slmquant's GPTQ defaults; `act_order=false` is the reference's) or RTN.
+Learning sees the weights as the rounding that follows will: float when GPTQ follows and activations
+are quantized (the reference's W16A8 rule: W8A8 and W4A8 then share one learned rotation, through
+the rotation cache), RTN-rounded otherwise (W4A16 with GPTQ, where W16A16 has nothing to learn).
+Departures: the Cayley transform is solved exactly (the reference approximates it with 5
+fixed-point iterations, row renormalization and an occasional random QR retraction), so R stays
+orthogonal to float64 precision, checked after every step and on load; training windows are the
+calibration windows taken in order and cycled (the reference reads 800 consecutive windows of the
+train split, which is not available offline); activations are rounded per token, o_proj's input
+too (the reference rounds it per head). No R3 (Q/K are not quantized in the paper's W4A8 setting)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .. import rotation as rot
+from ..arch import arch_map, decoder_layers, heads, layer_linears, set_submodule
+from ..errors import SlmquantError
+from ..files import atomic_path
+from ..quant import QLinear, fake_quant_ste
+from . import register
+from .gptq import GPTQConfig, gptq_
+
+
+@dataclass(frozen=True)
+class SpinQuantConfig(GPTQConfig):
+    """Weights asymmetric (sym=False) and activations asymmetric per token (a_sym=False), as the
+    paper; every GPTQ setting of GPTQConfig applies to the GPTQ step.
+    weights: "gptq" or "rtn". learn: learn R1/R2 (false: fixed random Hadamards, QuaRot-like, the
+    control). steps: Cayley SGD steps, one window of the calibration set each, in order (reference:
+    100 steps of 8 windows of 2048 tokens). lr: the largest step (1.5, cosine decay to 0).
+    max_grad_norm: global gradient-norm clip over R1 and every R2 (1.0: the reference's trainer)."""
+    sym: bool = False
+    a_sym: bool = False
+    weights: str = "gptq"
+    learn: bool = True
+    steps: int = 100
+    lr: float = 1.5
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weights not in ("gptq", "rtn"):
+            raise SlmquantError(f"weights must be gptq or rtn, got {self.weights!r}")
+        if self.steps < 0 or self.lr < 0 or self.max_grad_norm <= 0:
+            raise SlmquantError("steps and lr must be >= 0, max_grad_norm > 0")
+        if self.w_bits == 16:
+            raise SlmquantError("spinquant rounds the weights: w_bits must be below 16")
+
+    @property
+    def train_w_spec(self):
+        """The weight rounding learning sees (None: float)."""
+        return None if self.weights == "gptq" and self.a_bits < 16 else self.w_spec
+
+
+SUITE = ()
+ORTHO_TOL = 1e-8
+
+
+def cayley_step(R: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:
+    """One Cayley SGD step on the orthogonal group (Li et al., ICLR 2020; SpinQuant's optimizer with
+    momentum 0). W = (R^T G - G^T R) / 2 is skew, alpha = min(lr, 1 / (||W||_1 + 1e-8)) (max column
+    sum), R' = R (I - alpha/2 W)(I + alpha/2 W)^-1: orthogonal, and dL = -alpha ||W||_F^2 to first order."""
+    R64, G64 = R.double(), G.double()
+    W = 0.5 * (R64.T @ G64 - G64.T @ R64)
+    alpha = min(lr, 1.0 / (float(W.abs().sum(0).max()) + 1e-8))
+    eye = torch.eye(R.shape[0], dtype=torch.float64, device=R.device)
+    # R' (I + a/2 W) = R (I - a/2 W)  <=>  (I + a/2 W)^T R'^T = (I - a/2 W)^T R^T
+    Rn = torch.linalg.solve((eye + alpha / 2 * W).T, ((eye - alpha / 2 * W).T @ R64.T)).T
+    return Rn.to(R.dtype)
+
+
+def prepare_(model: nn.Module) -> None:
+    """Untie, fuse norms, and R4's offline half in down_proj (its online half: `install_online_r4_`)."""
+    rot.check_rotatable(model)
+    rot.untie_embeddings_(model)
+    rot.fuse_norms_(model)
+    amap = arch_map(model)
+    for layer in decoder_layers(model):
+        rot.rotate_down_input_(layer.get_submodule(amap.up_down.linears[0]))
+
+
+@torch.no_grad()
+def install_online_r4_(model: nn.Module) -> None:
+    """down_proj becomes a float QLinear that rotates its input online (`had`): the Hadamard then
+    stays in front of down_proj's activation rounding through GPTQ, RTN, the cache and real models."""
+    name = arch_map(model).up_down.linears[0]
+    for layer in decoder_layers(model):
+        q = QLinear.from_linear(layer.get_submodule(name), None, None)
+        q.had = q.in_features
+        layer.set_submodule(name, q)
+
+
+def _rotated(base: dict, R1: torch.Tensor, R2s: list, amap, hq, w_spec) -> dict:
+    """{parameter name: tensor} of the decoder linears with R1 and each layer's R2 folded in
+    (differentiable in R1 and R2), weights rounded straight-through when w_spec is given."""
+    n_q, n_kv, hd = hq
+    out = {}
+    for i, R2 in enumerate(R2s):
+        p = f"{amap.layers}.{i}."
+        for n in amap.attn_in.linears + amap.mlp_in.linears:
+            out[p + n + ".weight"] = base[p + n + ".weight"] @ R1                   # readers: W R1
+        for n in (amap.v_o.linears[0], amap.up_down.linears[0]):
+            out[p + n + ".weight"] = R1.T @ base[p + n + ".weight"]                 # writers: R1^T W
+        v, o = p + amap.v_o.prev, p + amap.v_o.linears[0]
+        Wv = out[v + ".weight"]
+        out[v + ".weight"] = torch.einsum("dc,hdi->hci", R2, Wv.view(n_kv, hd, -1)).reshape(Wv.shape)
+        if v + ".bias" in base:
+            out[v + ".bias"] = (base[v + ".bias"].view(n_kv, hd) @ R2).reshape(-1)
+        Wo = out[o + ".weight"]
+        out[o + ".weight"] = (Wo.view(Wo.shape[0], n_q, hd) @ R2).reshape(Wo.shape)
+    if w_spec is not None:
+        out = {k: fake_quant_ste(t, w_spec) if k.endswith(".weight") else t for k, t in out.items()}
+    return out
+
+
+def _hooks_weight_side(model, params, amap, a_spec) -> list:
+    """Rotated weights (`_rotated`, through functional_call): the embedding's output turns with R1
+    and the LM head reads it turned back (the reference's way: no (vocab x hidden) product per step);
+    every linear's input rounded straight-through, down_proj's after R4's online half."""
+    handles = [model.get_submodule(amap.embed).register_forward_hook(lambda m, a, y: y @ params[0]),
+               model.get_submodule(amap.lm_head).register_forward_pre_hook(lambda m, a: (a[0] @ params[0].T,))]
+    down = amap.up_down.linears[0]
+    for name, lin in layer_linears(model):
+        online = rot.fht if name.endswith("." + down) else (lambda x: x)
+        handles.append(lin.register_forward_pre_hook(lambda m, a, f=online: (fake_quant_ste(f(a[0]), a_spec),)))
+    return handles
+
+
+def _hooks_activation_side(model, params, amap, hq, a_spec) -> list:
+    """With float weights the rotated model equals the unrotated one except where it rounds, so the
+    rotations act on the rounded activations alone (exact, and no weight product per step): a reader
+    of the stream computes Q(x R1) (W R1)^T = [Q(x R1) R1^T] W^T, o_proj [Q(u R2) R2^T] W_o^T per head,
+    down_proj Q(x H4^T/sqrt(n)) with its offline half in its weights; q/k/v (gate/up) share their
+    norm's rounded output."""
+    n_q, _, hd = hq
+    turn = lambda x: fake_quant_ste(x @ params[0], a_spec) @ params[0].T
+
+    def heads_turn(x, R2):
+        u = fake_quant_ste((x.view(*x.shape[:-1], n_q, hd) @ R2).reshape(x.shape), a_spec)
+        return (u.view(*x.shape[:-1], n_q, hd) @ R2.T).reshape(x.shape)
+    handles = []
+    for i, layer in enumerate(decoder_layers(model)):
+        for b in (amap.attn_in, amap.mlp_in):
+            handles.append(layer.get_submodule(b.prev).register_forward_hook(lambda m, a, y: turn(y)))
+        handles.append(layer.get_submodule(amap.v_o.linears[0]).register_forward_pre_hook(
+            lambda m, a, R2=params[1 + i]: (heads_turn(a[0], R2),)))
+        handles.append(layer.get_submodule(amap.up_down.linears[0]).register_forward_pre_hook(
+            lambda m, a: (fake_quant_ste(rot.fht(a[0]), a_spec),)))
+    return handles
+
+
+def learn_rotations(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig,
+                    progress: bool = True) -> dict:
+    """R1 and the R2s (float64) for a prepared model: random Hadamards, then cfg.steps Cayley SGD
+    steps on the LM loss of the rotated model with rounded activations (and rounded weights where
+    `train_w_spec` says so). Returns {"R1", "R2", "loss": [per step], "ortho": max orthogonality
+    error after any step}."""
+    amap, hq = arch_map(model), heads(model)
+    g = torch.Generator().manual_seed(cfg.seed)
+    R1 = rot.random_hadamard(model.config.hidden_size, g)
+    R2s = [rot.random_hadamard(hq[2], g) for _ in decoder_layers(model)]
+    res = {"R1": R1, "R2": R2s, "loss": [], "ortho": 0.0}
+    if not cfg.learn or cfg.steps == 0:
+        return res
+    dev = next(model.parameters()).device
+    master = [R.to(dev) for R in [R1, *R2s]]                  # float64: orthogonal to 1e-15
+    params = [R.float().requires_grad_() for R in master]    # float32 copies for the forward
+    w_spec = cfg.train_w_spec
+    base = {}
+    if w_spec is not None:
+        for i, layer in enumerate(decoder_layers(model)):
+            for n in amap.linears:
+                lin = layer.get_submodule(n)
+                base[f"{amap.layers}.{i}.{n}.weight"] = lin.weight.detach().float()
+                if n == amap.v_o.prev and lin.bias is not None:
+                    base[f"{amap.layers}.{i}.{n}.bias"] = lin.bias.detach().float()
+        handles = _hooks_weight_side(model, params, amap, cfg.a_spec)
+    else:
+        handles = _hooks_activation_side(model, params, amap, hq, cfg.a_spec)
+    bar = tqdm(range(cfg.steps), desc="spinquant: rotations", unit="step", disable=not progress)
+    try:
+        with torch.enable_grad():
+            for step in bar:
+                w = calib[step % len(calib)][None].to(dev)
+                kw = {"labels": w, "use_cache": False}
+                loss = (functional_call(model, _rotated(base, params[0], params[1:], amap, hq, w_spec), (w,), kw)
+                        if w_spec is not None else model(w, **kw)).loss
+                if not torch.isfinite(loss):
+                    raise SlmquantError(f"spinquant: non-finite loss at step {step}")
+                for p in params:
+                    p.grad = None
+                loss.backward()
+                norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params))
+                clip = min(1.0, cfg.max_grad_norm / (float(norm) + 1e-6))
+                lr_t = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))       # cosine, no warmup
+                with torch.no_grad():
+                    for R, p in zip(master, params):
+                        R.copy_(cayley_step(R, p.grad.double() * clip, lr_t))
+                        res["ortho"] = max(res["ortho"], rot.orthogonality_error(R))
+                        p.copy_(R)
+                res["loss"].append(loss.item())
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    finally:
+        for h in handles:
+            h.remove()
+    res["R1"], res["R2"] = master[0].cpu(), [R.cpu() for R in master[1:]]
+    return res
+
+
+def _rotation_cache(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig):
+    """Where learned rotations are kept: keyed by the model, the calibration windows, what learning
+    depends on (not the GPTQ settings), and this file, so that W8A8 and W4A8 share one learning."""
+    from ..models import cache_dir
+    from . import get_method
+    learn = {k: getattr(cfg, k) for k in ("learn", "steps", "lr", "max_grad_norm", "seed", "a_bits", "a_sym")}
+    learn["train_w_spec"] = asdict(cfg.train_w_spec) if cfg.train_w_spec else None
+    src = getattr(model, "slmquant_source", None)
+    h = hashlib.sha256(json.dumps({"learn": learn, "code": get_method("spinquant").source_hash(),
+                                   "model": src.to_dict() if src else model.config.to_json_string()},
+                                  sort_keys=True, default=str).encode())
+    h.update(calib.numpy().tobytes())
+    if src is None or src.kind == "tiny":
+        for t in model.state_dict().values():
+            h.update(t.detach().float().numpy().tobytes())
+    return cache_dir() / "spinquant-rotations" / f"{h.hexdigest()[:20]}.pt"
+
+
+@register("spinquant", SpinQuantConfig, suite=SUITE)
+def spinquant(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig, progress: bool = True) -> nn.Module:
+    if calib is None:
+        raise SlmquantError("spinquant needs calibration windows")
+    prepare_(model)
+    path = _rotation_cache(model, calib, cfg)
+    res = torch.load(path, weights_only=True) if path.is_file() else None
+    if res is not None and max(rot.orthogonality_error(R) for R in [res["R1"], *res["R2"]]) > ORTHO_TOL:
+        res = None                                              # not orthogonal: learned again
+    if res is None:
+        res = learn_rotations(model, calib, cfg, progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(res, tmp)
+    with torch.no_grad():
+        rot.rotate_residual_(model, res["R1"])
+        for layer, R2 in zip(decoder_layers(model), res["R2"]):
+            rot.rotate_heads_(model, layer, R2)
+    install_online_r4_(model)
+    if cfg.weights == "gptq":
+        gptq_(model, calib, cfg, cfg.a_spec, progress)
+    else:
+        with torch.no_grad():
+            for name, lin in layer_linears(model):
+                set_submodule(model, name, QLinear.from_linear(lin, cfg.w_spec, cfg.a_spec))
+    model.slmquant_method_info = {"loss": res["loss"], "orthogonality_error": res["ortho"],
+                                  "learned": bool(cfg.learn and cfg.steps)}
+    return model

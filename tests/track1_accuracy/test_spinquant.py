@@ -1,0 +1,129 @@
+"""SpinQuant: the Cayley step stays on the orthogonal group and descends, the method's surgery (untie,
+fuse, R4 offline + online in a QLinear, R1, R2) keeps the float logits, learned rotations are
+orthogonal and shared by W8A8 and W4A8 through the rotation cache, and a cell survives the cell
+cache and becomes a real low-bit model with its online Hadamard."""
+import copy
+
+import pytest
+import torch
+
+from slmquant import rotation as rot
+from slmquant.arch import decoder_layers, heads
+from slmquant.errors import SlmquantError
+from slmquant.methods import make_config, quantize
+from slmquant.methods import spinquant as sq
+from slmquant.models import tiny_model
+from slmquant.quant import QLinear
+
+pytestmark = [pytest.mark.spinquant, pytest.mark.w8a8, pytest.mark.w4a8, pytest.mark.w4a16]
+
+TINY = {"calib_samples": 2, "calib_seqlen": 32, "steps": 2}
+
+
+def test_cayley_steps_stay_orthogonal_and_descend():
+    g = torch.Generator().manual_seed(0)
+    R, T = rot.random_orthogonal(32, g), rot.random_orthogonal(32, g)
+    loss = lambda R: float((R - T).pow(2).sum())
+    before = loss(R)
+    for _ in range(20):
+        R = sq.cayley_step(R, 2 * (R - T), lr=0.5)          # gradient of ||R - T||_F^2
+        assert rot.orthogonality_error(R) < 1e-12
+    assert loss(R) < 0.5 * before
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_methods_surgery_keeps_the_float_logits(arch):
+    model, _ = tiny_model(arch, seed=3, dtype=torch.float64)
+    ids = torch.randint(0, 5000, (2, 20))
+    with torch.no_grad():
+        ref = model(ids).logits
+    sq.prepare_(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        rot.rotate_residual_(model, rot.random_hadamard(model.config.hidden_size, g))
+        for layer in decoder_layers(model):
+            rot.rotate_heads_(model, layer, rot.random_hadamard(heads(model)[2], g))
+    sq.install_online_r4_(model)
+    downs = [m for m in model.modules() if isinstance(m, QLinear)]
+    assert len(downs) == len(decoder_layers(model)) and all(d.had == d.in_features for d in downs)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert (out - ref).abs().max() <= 1e-6 * ref.abs().max()     # float32 RMSNorm (test_rotation.py)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_two_training_forms_compute_the_same_loss(arch):
+    """Learning with float weights turns the rounded activations (no weight product per step); it
+    must give the loss of the rotated-weight form (which rounded weights need) at the same R1, R2."""
+    from torch.func import functional_call
+
+    from slmquant.arch import arch_map
+    model, _ = tiny_model(arch, seed=6)
+    sq.prepare_(model)
+    amap, hq = arch_map(model), heads(model)
+    g = torch.Generator().manual_seed(2)
+    params = [rot.random_hadamard(model.config.hidden_size, g).float()] + \
+             [rot.random_hadamard(hq[2], g).float() for _ in decoder_layers(model)]
+    base = {f"{amap.layers}.{i}.{n}.{t}": getattr(layer.get_submodule(n), t).detach()
+            for i, layer in enumerate(decoder_layers(model)) for n in amap.linears for t in ("weight", "bias")
+            if getattr(layer.get_submodule(n), t, None) is not None}
+    a_spec = make_config("spinquant", "w8a8").a_spec
+    w = torch.randint(0, 5000, (1, 32))
+    losses = []
+    for hooks in (lambda: sq._hooks_weight_side(model, params, amap, a_spec),
+                  lambda: sq._hooks_activation_side(model, params, amap, hq, a_spec)):
+        handles = hooks()
+        with torch.no_grad():
+            weights = sq._rotated(base, params[0], params[1:], amap, hq, None) if len(losses) == 0 else {}
+            losses.append(functional_call(model, weights, (w,), {"labels": w}).loss.item())
+        for h in handles:
+            h.remove()
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_learned_rotations_are_orthogonal_and_shared_by_w8a8_and_w4a8(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path))
+    model, _ = tiny_model("qwen2", seed=4)
+    calib = torch.randint(0, 5000, (2, 32))
+    calls = []
+    learn = sq.learn_rotations
+    monkeypatch.setattr(sq, "learn_rotations", lambda *a, **k: calls.append(a[2].scheme) or learn(*a, **k))
+    for bits in ("w4a8", "w8a8", "w4a16"):
+        q = quantize(copy.deepcopy(model), "spinquant", make_config("spinquant", bits, TINY), calib)
+        info = q.slmquant_method_info
+        assert info["learned"] and len(info["loss"]) == 2 and info["orthogonality_error"] < 1e-12
+    assert calls == ["w4a8", "w4a16"]         # W8A8 reads W4A8's rotations (both learned at W16A8)
+
+
+@pytest.mark.parametrize("bits", ["w4a8", "w4a16"])
+def test_a_cell_survives_the_cache_and_becomes_a_real_model(bits, tmp_path):
+    from slmquant.cells import Cell, CellCache
+    from slmquant.real import RealLinear, to_real
+    model, tok = tiny_model("llama", seed=5)
+    cell = Cell("tiny-llama", "spinquant", make_config("spinquant", bits, {**TINY, "weights": "rtn"}))
+    built, _, fresh = CellCache(tmp_path).get(cell, model, tok)
+    again, _, cached = CellCache(tmp_path).get(cell, model, tok)
+    ids = torch.randint(0, 5000, (1, 24))
+    with torch.no_grad():
+        out = built(ids).logits
+        assert fresh and not cached and torch.equal(again(ids).logits, out)
+        real = to_real(copy.deepcopy(built))
+        got = real(ids).logits
+        kept = {id(p) for q in built.modules() if isinstance(q, QLinear) for p in q.parameters()}
+        for p in built.parameters():          # the real model stores its float parts as float16
+            if id(p) not in kept:
+                p.copy_(p.half().float())
+        out = built(ids).logits
+    assert sum(isinstance(m, RealLinear) and m.had is not None for m in real.modules()) == len(decoder_layers(real))
+    if bits == "w4a16":                       # no activation rounding: the real model is the cell
+        assert (got - out).abs().max() <= 1e-5 * out.abs().max()
+
+
+def test_bad_settings_and_gemma3_are_refused():
+    with pytest.raises(SlmquantError, match="weights must be"):
+        make_config("spinquant", "w4a8", {"weights": "awq"})
+    with pytest.raises(SlmquantError, match="w_bits must be below 16"):
+        make_config("spinquant", "w16a8")
+    model, _ = tiny_model("gemma3_text")
+    with pytest.raises(SlmquantError, match="post-attention and post-feedforward norms"):
+        quantize(model, "spinquant", make_config("spinquant", "w4a8", TINY), torch.randint(0, 5000, (2, 32)))
