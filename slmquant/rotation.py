@@ -195,8 +195,11 @@ def rotate_residual_(model: nn.Module, R1: torch.Tensor) -> None:
     gate/up, LM head) W -> W R1, every writer (o, down) W -> R1^T W. Norms must be fused first
     (an RMSNorm with weight 1 commutes with an orthogonal R1: |x R1| = |x|)."""
     amap = arch_map(model)
-    R1 = R1.double()
-    emb = model.get_submodule(amap.embed)
+    emb, head = model.get_submodule(amap.embed), model.get_submodule(amap.lm_head)
+    if emb.weight.data_ptr() == head.weight.data_ptr():
+        raise SlmquantError("untie the embeddings first (untie_embeddings_): a tied embedding would "
+                            "be rotated twice, once as the embedding and once as the LM head")
+    R1 = R1.to(device=emb.weight.device, dtype=torch.float64)
     emb.weight.copy_((emb.weight.double() @ R1).to(emb.weight.dtype))
     for layer in decoder_layers(model):
         for n in amap.attn_in.linears + amap.mlp_in.linears:
@@ -213,8 +216,8 @@ def rotate_heads_(model: nn.Module, layer: nn.Module, R2: torch.Tensor) -> None:
     W_o[:, h] R2. Attention mixes tokens, not channels, so (attn v_h) R2 = attn (v_h R2): GQA's
     repeated kv heads stay consistent because every head shares R2."""
     amap, (n_q, n_kv, hd) = arch_map(model), heads(model)
-    R2 = R2.double()
     v, o = layer.get_submodule(amap.v_o.prev), layer.get_submodule(amap.v_o.linears[0])
+    R2 = R2.to(device=v.weight.device, dtype=torch.float64)
     Wv = v.weight.double().view(n_kv, hd, -1)
     v.weight.copy_(torch.einsum("dc,hdi->hci", R2, Wv).reshape(v.weight.shape).to(v.weight.dtype))
     if v.bias is not None:

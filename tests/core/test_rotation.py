@@ -94,6 +94,12 @@ def test_untie_fuse_and_rotate_keep_the_float_logits(arch):
         assert (bad - ref).abs().max() > 1e-3 * ref.abs().max()
 
 
+def test_a_tied_embedding_is_never_rotated():
+    model, _ = tiny_model("llama")
+    with pytest.raises(SlmquantError, match="untie the embeddings first"):
+        rot.rotate_residual_(model, rot.random_hadamard(model.config.hidden_size))
+
+
 def test_gemma3_is_refused_with_the_reason():
     model, _ = tiny_model("gemma3_text")
     with pytest.raises(SlmquantError, match="post-attention and post-feedforward norms"):

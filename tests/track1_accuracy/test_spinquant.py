@@ -92,6 +92,7 @@ def test_learned_rotations_are_orthogonal_and_shared_by_w8a8_and_w4a8(monkeypatc
         q = quantize(copy.deepcopy(model), "spinquant", make_config("spinquant", bits, TINY), calib)
         info = q.slmquant_method_info
         assert info["learned"] and len(info["loss"]) == 2 and info["orthogonality_error"] < 1e-12
+        assert all(p.grad is None for p in q.parameters())          # the frozen weights got none
     assert calls == ["w4a8", "w4a16"]         # W8A8 reads W4A8's rotations (both learned at W16A8)
 
 
