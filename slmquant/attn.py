@@ -35,7 +35,10 @@ class AttnInputQuant(nn.Module):
         self.spec = spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (fake_quant_ste if torch.is_grad_enabled() else fake_quant)(x, self.spec)
+        if not torch.is_grad_enabled():
+            return fake_quant(x, self.spec)
+        low = x.dtype in (torch.float16, torch.bfloat16)        # round in float32, as fake_quant does
+        return fake_quant_ste(x.float() if low else x, self.spec).to(x.dtype)
 
     def meta(self) -> dict:
         return {"type": "AttnInputQuant", "spec": asdict(self.spec)}
