@@ -23,11 +23,11 @@ from safetensors.torch import save_file as st_save_file
 
 from . import codes, cost, data
 from .arch import arch_map, set_submodule
+from .attn import AttnInputQuant
 from .errors import SlmquantError
 from .files import atomic_path, write_text_atomic
 from .methods import CalibConfig, QuantConfig, get_method
 from .models import _sha256, cache_dir, device_name
-from .attn import AttnInputQuant
 from .quant import QLinear
 from .rotation import untie_embeddings_
 

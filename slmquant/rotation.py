@@ -226,24 +226,8 @@ def rotate_heads_(model: nn.Module, layer: nn.Module, R2: torch.Tensor) -> None:
     o.weight.copy_((Wo @ R2).reshape(o.weight.shape).to(o.weight.dtype))
 
 
-class OnlineHadamard(nn.Module):
-    """x (..., n) -> fht(x): the online half of R4, before down_proj's input (and its rounding);
-    the offline half is down_proj's W -> W H^T / sqrt(n)."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        factor(n)
-        self.n = n
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fht(x)
-
-    def extra_repr(self) -> str:
-        k, p = factor(self.n)
-        return f"n={self.n} ({k} x {p})"
-
-
 @torch.no_grad()
 def rotate_down_input_(down: nn.Linear) -> None:
-    """R4's offline half: W_down -> W_down H^T / sqrt(n), so that down(fht(x)) = down(x)."""
+    """R4's offline half: W_down -> W_down H^T / sqrt(n), so that down(fht(x)) = down(x); the online
+    half is a QLinear's `had` (slmquant.quant)."""
     down.weight.copy_(fht(down.weight.double()).to(down.weight.dtype))

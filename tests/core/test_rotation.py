@@ -10,6 +10,7 @@ from slmquant import rotation as rot
 from slmquant.arch import arch_map, decoder_layers, heads
 from slmquant.errors import SlmquantError
 from slmquant.models import tiny_model
+from slmquant.quant import QLinear
 
 pytestmark = [pytest.mark.spinquant, pytest.mark.w8a8, pytest.mark.w4a8, pytest.mark.w4a16]
 
@@ -66,7 +67,9 @@ def _rotate(model, seed: int = 0, keep_v_bias: bool = False):
                 v.bias.copy_(b)                        # the reference code's defect: v bias left unrotated
         down = layer.get_submodule(amap.up_down.linears[0])
         rot.rotate_down_input_(down)
-        layer.set_submodule(amap.up_down.linears[0], torch.nn.Sequential(rot.OnlineHadamard(down.in_features), down))
+        online = QLinear.from_linear(down, None, None)         # float weights, input rotated online
+        online.had = down.in_features
+        layer.set_submodule(amap.up_down.linears[0], online)
     return model
 
 
