@@ -227,6 +227,18 @@ def cmd_cache(args) -> dict:
     return {"root": str(cache.root), "entries": len(entries), "bytes": total, "removed": len(removed)}
 
 
+def _choices(given: str | None, default: list[str], what: str, allowed=None) -> list[str]:
+    """A comma-separated selection (None: `default`), every name checked before any model loads."""
+    if not given:
+        return default
+    names = [n.strip() for n in given.split(",") if n.strip()]
+    bad = [n for n in names if n not in (allowed or default)]
+    if bad or not names:
+        raise SlmquantError(f"unknown {what} {', '.join(bad) or repr(given)}: choose from "
+                            f"{', '.join(allowed or default)}")
+    return names
+
+
 def _run_identity(model: str, method: str, bits: str | None, profile: str) -> str | None:
     """What a saved `run` result must match to be reused: the model's source and profile, and for a
     quantized cell its cache key (every setting and the quantizer's code). A result of an older
@@ -261,7 +273,9 @@ def cmd_run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_name = args.model or "smollm2-135m"
-    plan = [("none", None)] + [(m, b) for m in all_methods() for b in ("w8a8", "w4a8")]
+    methods = _choices(args.methods, list(all_methods()), "method")
+    bits_list = _choices(args.bits, ["w8a8", "w4a8"], "bits", allowed=("w8a8", "w4a8", "w4a16"))
+    plan = [("none", None)] + [(m, b) for m in methods for b in bits_list]
     rows, results = [], {}
     for method, bits in plan:
         name = f"{method}-{bits}" if bits else "float"
@@ -390,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub._name_parser_map["run"]
     r.add_argument("--model", default=None)
     r.add_argument("--out", default="results", help="folder for the results (default: results/)")
+    r.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
+    r.add_argument("--bits", default=None, help="comma-separated bits widths (default: w8a8,w4a8)")
     return p
 
 
