@@ -58,7 +58,8 @@ SPREAD: dict[str, dict[str, float]] = {
 # Cells whose method must beat RTN by design (damage ratio below 1 - its band), whatever is recorded:
 # re-recording a baseline cannot make GPTQ W4 or SmoothQuant W8A8 silently no better than RTN.
 BEATS_RTN: set[tuple[str, str]] = {("gptq", "w4a16"), ("gptq", "w4a8"),
-                                    ("omniquant", "w8a8"), ("omniquant", "w4a8"), ("omniquant", "w4a16")}
+                                    ("omniquant", "w8a8"), ("omniquant", "w4a8"), ("omniquant", "w4a16"),
+                                    ("spinquant", "w8a8"), ("spinquant", "w4a8"), ("spinquant", "w4a16")}
 
 
 def bands(cell_id: str) -> dict[str, float] | None:
@@ -159,6 +160,12 @@ NOT_RECORDED: dict[str, dict[str, str]] = {
                            ("qwen2", "about 15 min (GPTQ build, 40 x 2048 scoring)"))
            for b, g in (("w8a8", ""), ("w4a8", ""), ("w4a16", ""), ("w4a16", "-group_size=64"))},
         "qwen2-gptq-w4a8-calib_seqlen=512-sym=False": "about 50 min (GPTQ build, 40 x 2048 scoring)",
+        **{f"smollm2-spinquant-{b}-calib_seqlen=512-steps=50": "about 12 min (50 learned steps, GPTQ build, "
+           "40 x 2048 scoring)" for b in ("w8a8", "w4a8", "w4a16")},
+        "smollm2-spinquant-w4a8-calib_seqlen=512-learn=False-steps=50": "about 8 min (GPTQ build, 40 x 2048 scoring)",
+        **{f"qwen2-spinquant-{b}-calib_seqlen=512{s}-steps=50": "about 60 min (learning, GPTQ build, 40 x 2048 "
+           "scoring, the float model's 10 more)" for b, s in (("w8a8", ""), ("w4a8", ""), ("w4a16", ""),
+                                                               ("w4a8", "-learn=False"))},
         "qwen2-smoothquant-w4a8-alpha_search=True-calib_samples=32-calib_seqlen=2048-weights=gptq":
             "about 60 min (alpha search and GPTQ build, 40 x 2048 scoring)",
     },
@@ -205,7 +212,7 @@ QUICK_GATES: dict[tuple[str, str, str], dict] = {
     k: {"max_ppl_ratio": round(r + 0.015 if k[1].startswith("w8") else r * 1.06, 4)} for k, r in QUICK_RTN.items()}
 
 # What a method must reach beyond RTN's ceiling on the quick tier (issue targets), keyed by
-# (method, scheme): "max_ppl_ratio", or "gap_closed": the fraction of RTN's gap to float (same model
+# (method, scheme), or (method, scheme, model) where the target differs per model: "max_ppl_ratio", or "gap_closed": the fraction of RTN's gap to float (same model
 # and weight setting) the method must close.
 QUICK_TARGETS: dict[tuple[str, str], dict] = {
     ("smoothquant", "w8a8"): {"max_ppl_ratio": 1.015},
@@ -213,13 +220,17 @@ QUICK_TARGETS: dict[tuple[str, str], dict] = {
     ("gptq", "w4a16"): {"gap_closed": 0.5},
     ("omniquant", "w8a8"): {"max_ppl_ratio": 1.015},       # within 1.5% of float
     ("omniquant", "w4a8"): {"max_ppl_ratio": 1.25, "gap_closed": 0.0},   # within 25%, better than RTN
+    ("spinquant", "w8a8"): {"max_ppl_ratio": 1.01},                     # within 1% of float
+    ("spinquant", "w4a8", "smollm2-135m"): {"max_ppl_ratio": 1.15},
+    ("spinquant", "w4a8", "qwen2.5-0.5b"): {"max_ppl_ratio": 1.20},
 }
 
 
 def quick_gates(cell: Cell) -> dict:
     """RTN's ceiling for the cell's model and settings, tightened by the method's target."""
     key = (cell.model, cell.cfg.scheme, weight_setting(cell))
-    t = QUICK_TARGETS.get((cell.method, cell.cfg.scheme), {})
+    t = QUICK_TARGETS.get((cell.method, cell.cfg.scheme, cell.model),
+                          QUICK_TARGETS.get((cell.method, cell.cfg.scheme), {}))
     if key not in QUICK_GATES:
         return {"max_ppl_ratio": t["max_ppl_ratio"]} if "max_ppl_ratio" in t else {}
     g = dict(QUICK_GATES[key])
@@ -273,8 +284,8 @@ def rtn_twin(cell: Cell) -> Cell:
     """The RTN cell with the same model, bits and weight setting (sym, group size) as `cell`."""
     from slmquant.methods import make_config
     c = cell.cfg
-    return Cell(cell.model, "rtn", make_config("rtn", c.scheme, {"sym": c.sym, "group_size": c.group_size,
-                                                                 "a_sym": c.a_sym}))
+    over = {"sym": c.sym, "group_size": c.group_size, **({"a_sym": c.a_sym} if c.a_bits < 16 else {})}
+    return Cell(cell.model, "rtn", make_config("rtn", c.scheme, over))
 
 
 def rtn_twin_id(cell_id: str) -> str:
@@ -285,10 +296,11 @@ def rtn_twin_id(cell_id: str) -> str:
     from slmquant.methods import get_method
     model, method, bits, *settings = cell_id.split("-")
     given = dict(s.split("=", 1) for s in settings)
-    default_sym = next(f.default for f in fields(get_method(method).config) if f.name == "sym")
+    defaults = {f.name: f.default for f in fields(get_method(method).config)}
     keep = {k: given[k] for k in ("group_size",) if k in given}
-    if given.get("sym", str(default_sym)) == "False":                  # RTN's default is symmetric
-        keep["sym"] = "False"
+    for k in ("sym", "a_sym"):                                         # RTN's defaults are symmetric
+        if given.get(k, str(defaults[k])) == "False" and (k == "sym" or not bits.endswith("a16")):
+            keep[k] = "False"
     return "-".join([model, "rtn", bits, *(f"{k}={v}" for k, v in sorted(keep.items()))])
 
 

@@ -46,6 +46,7 @@ def measure(out: Path, seed: int | None, threads: int | None, select: str | None
 
     if threads:
         torch.set_num_threads(threads)
+    _private_rotation_cache()
     params = [p.values[0] for p in cases(DEFAULT)]
     if select:
         params = [c for c in params if any(s in c.id for s in select.split(","))]
@@ -68,6 +69,18 @@ def measure(out: Path, seed: int | None, threads: int | None, select: str | None
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps(doc, indent=1))
     return doc
+
+
+def _private_rotation_cache() -> None:
+    """SpinQuant's learned rotations are part of a build, and their on-disk cache is not keyed by the
+    thread count or the instruction set either: each run learns its own, in a directory of its own
+    (shared by its W8A8 and W4A8 cells, as in a real build)."""
+    import tempfile
+
+    from slmquant.methods import spinquant
+    tmp = Path(tempfile.mkdtemp(prefix="slmquant-spread-rotations-"))
+    shared = spinquant._rotation_cache
+    spinquant._rotation_cache = lambda model, calib, cfg: tmp / shared(model, calib, cfg).name
 
 
 def _prefix(cell: dict, n: int) -> tuple[float, float]:

@@ -69,7 +69,9 @@ class SpinQuantConfig(GPTQConfig):
         return None if self.weights == "gptq" and self.a_bits < 16 else self.w_spec
 
 
-SUITE = ()
+# The three bits widths, and the control (fixed random Hadamards, nothing learned) at W4A8, the
+# width where the paper's learned rotations differ most from fixed ones.
+SUITE = (("w8a8", {}), ("w4a8", {}), ("w4a16", {}), ("w4a8", {"learn": False}))
 ORTHO_TOL = 1e-8
 
 

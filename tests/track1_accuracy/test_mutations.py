@@ -8,7 +8,9 @@ by design (damage ratio 1.07), and its calibration draw alone moves that ratio b
 default tier's 16 x 512 calibration tokens: the gate cannot tell it from RTN (docs/gate_bands.md).
 Nor OmniQuant W4A16 with its clipping frozen at the start (sigmoid(4) = 0.982): one epoch of
 clipping training buys 3.4% of KL there, against a band of 2.9% (measured: damage +3.4%, vs RTN
-0.951 within its band); too close to the noise to gate a pull request on."""
+0.951 within its band); too close to the noise to gate a pull request on. Nor SpinQuant's learning switched off (`learn`
+silently false): at the default tier's 8 Cayley steps the learned rotations do no better than the
+random Hadamards they start from (docs/spinquant.md), so only the rotations' benefit is gated here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -19,11 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from slmquant import calib, quant
+from slmquant import rotation as rot
+from slmquant.arch import layer_linears, set_submodule
 from slmquant.cells import build
 from slmquant.methods import METHODS, get_method
 from slmquant.methods import gptq as gptq_mod
 from slmquant.methods import omniquant as oq_mod
 from slmquant.methods import smoothquant as sq_mod
+from slmquant.methods import spinquant as spin_mod
 from tests import gates
 from tests.baseline import load
 from tests.matrix import DEFAULT, make_cell
@@ -95,8 +100,27 @@ def _frozen_let(mp):
     mp.setattr(oq_mod.Block, "let_params", lambda self: [])
 
 
+def _identity_rotations(mp):
+    mp.setattr(rot, "rotate_residual_", lambda model, R1: None)
+    mp.setattr(rot, "rotate_heads_", lambda model, layer, R2: None)
+
+
+def _no_online_hadamard(mp):
+    mp.setattr(rot, "rotate_down_input_", lambda down: None)
+    mp.setattr(spin_mod, "install_online_r4_", lambda model: None)
+
+
+def _rtn_weights(mp):
+    def rtn_(model, calib_, cfg, a_spec, progress=True):
+        for name, lin in layer_linears(model):
+            set_submodule(model, name, quant.QLinear.from_linear(lin, cfg.w_spec, a_spec))
+        return {}
+    mp.setattr(spin_mod, "gptq_", rtn_)
+
+
 GPTQ_CAL = (("calib_samples", 16), ("calib_seqlen", 512))
 OMNI_CAL = GPTQ_CAL + (("epochs", 1),)
+SPIN_CAL = GPTQ_CAL + (("steps", 8),)
 MUTATIONS = [
     Mutation("noop", "rtn", "w8a8", (), _noop, frozenset({"suspicious", "damage"}),
              "every method returns the float model unchanged"),
@@ -121,6 +145,14 @@ MUTATIONS = [
              "OmniQuant's training skipped: LET and LWC keep their starting values"),
     Mutation("frozen-let", "omniquant", "w4a8", OMNI_CAL, _frozen_let, frozenset({"vs_rtn", "damage"}),
              "the LET scales get no optimizer: only the clipping learns"),
+    Mutation("identity-rotations", "spinquant", "w4a8", SPIN_CAL, _identity_rotations,
+             frozenset({"damage", "vs_rtn"}), "R1 and R2 never folded in: SpinQuant falls back to GPTQ (+R4)"),
+    Mutation("identity-rotations", "spinquant", "w8a8", SPIN_CAL, _identity_rotations,
+             frozenset({"damage", "vs_rtn"}), "R1 and R2 never folded in, at 8 bits"),
+    Mutation("no-online-hadamard", "spinquant", "w4a8", SPIN_CAL, _no_online_hadamard,
+             frozenset({"damage", "vs_rtn"}), "R4 left out: down_proj reads its input unrotated"),
+    Mutation("rtn-weights", "spinquant", "w4a16", SPIN_CAL, _rtn_weights, frozenset({"damage", "vs_rtn"}),
+             "the GPTQ step silently replaced by round-to-nearest"),
 ]
 
 
