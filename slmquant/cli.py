@@ -276,6 +276,8 @@ def cmd_run(args) -> dict:
     methods = _choices(args.methods, list(all_methods()), "method")
     bits_list = _choices(args.bits, ["w8a8", "w4a8"], "bits", allowed=("w8a8", "w4a8", "w4a16"))
     plan = [("none", None)] + [(m, b) for m in methods for b in bits_list]
+    from .report import write_report
+    paper = _paper_or_none()
     rows, results = [], {}
     for method, bits in plan:
         name = f"{method}-{bits}" if bits else "float"
@@ -290,6 +292,7 @@ def cmd_run(args) -> dict:
             res["run_identity"] = want
             write_text_atomic(path, json.dumps(res, indent=1, default=str))
         results[name] = res
+        write_report(out, paper)                                   # the tables grow cell by cell
         fppl = results["float"]["wikitext2"]["ppl"]
         q = res.get("quantization", {}).get("cost", {})
         rows.append({"cell": name, "wikitext2_ppl": res["wikitext2"]["ppl"],
@@ -300,7 +303,7 @@ def cmd_run(args) -> dict:
         print(f"\n{model_name} ({src['describes'] or src['ref']}, stand-in for {src['stand_in_for']}), "
               f"profile {args.profile}, load {results['float']['load_s']:.1f} s")
         _print_table(rows, ["cell", "wikitext2_ppl", "ppl_ratio", "tokens", "quant_s", "eval_s"])
-        print(f"results in {out}/")
+        print(f"results in {out}/ (tables and plots: {out}/report.md)")
     return {"model": model_name, "profile": args.profile, "rows": rows, "out": str(out)}
 
 
@@ -406,11 +409,36 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="results", help="folder for the results (default: results/)")
     r.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
     r.add_argument("--bits", default=None, help="comma-separated bits widths (default: w8a8,w4a8)")
+    rp = sub.add_parser("report", parents=[common], help="tables (Markdown, CSV) and plots of a run's results folder")
+    rp.add_argument("folder", help="a folder written by `slmquant run`")
     return p
 
 
+def _paper_or_none() -> dict | None:
+    from .scores import paper_tables
+    try:
+        return paper_tables()
+    except SlmquantError:
+        return None
+
+
+def cmd_report(args) -> dict:
+    """Tables 1 and 4 of a run's results folder, with the paper's values beside ours, and plots."""
+    from .report import write_report
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise SlmquantError(f"{folder}: no such folder (write one with `slmquant run --out {folder}`)")
+    rep = write_report(folder, _paper_or_none())
+    if not rep["rows"] and rep["float"] is None:
+        raise SlmquantError(f"{folder}: no results of `slmquant run` in it")
+    if not args.json:
+        print((folder / "report.md").read_text())
+    return {"folder": str(folder), "cells": [x["cell"] for x in rep["rows"]],
+            "files": sorted(p.name for p in folder.glob("*") if p.suffix in (".md", ".csv", ".png"))}
+
+
 COMMANDS = {"cache": cmd_cache, "models": cmd_models, "data": cmd_data, "eval": cmd_eval, "quantize": cmd_quantize, "run": cmd_run,
-            "profile": cmd_profile}
+            "profile": cmd_profile, "report": cmd_report}
 
 
 def _quiet_imports() -> None:

@@ -94,6 +94,8 @@ def test_run_writes_resumable_results(monkeypatch, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cells = [r["cell"] for r in res["rows"]]
     assert cells == ["float", "rtn-w8a8", "rtn-w4a8", "gptq-w8a8", "gptq-w4a8", "smoothquant-w8a8", "smoothquant-w4a8"]
+    report = (tmp_path / "report.md").read_text()              # rewritten after every cell
+    assert all(c in report for c in cells[1:]) and (tmp_path / "ppl_ratio.png").is_file()
     assert all(r["tokens"] == 2047 for r in res["rows"])
     ratios = {r["cell"]: r["ppl_ratio"] for r in res["rows"]}
     assert 1.0 < ratios["rtn-w8a8"] < ratios["rtn-w4a8"]
