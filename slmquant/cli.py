@@ -97,8 +97,9 @@ def _eval_wikitext2(model, tok, model_key: str, limit, profile, data_dir, fresh:
     from .measure import MeasureCache
     root = data.data_dir(data_dir)
     tokens = evaluate.wikitext2_tokens(tok, "test", root)
-    if limit is None:          # the profile decides: quick = the first 40 windows, paper = all
-        limit, seed = (evaluate.QUICK_WINDOWS if profile == "quick" else None), None
+    if limit is None:          # the profile decides: quick = the first 40 windows, smoke 8, paper = all
+        from .profiles import SMOKE_WINDOWS
+        limit, seed = {"quick": evaluate.QUICK_WINDOWS, "smoke": SMOKE_WINDOWS}.get(profile), None
     else:                      # --limit N: a seeded sample of N windows; --limit all: every window
         seed = None if limit == "all" else 0
     return MeasureCache().wikitext2(model_key, lambda: model, tokens, limit=limit, sample_seed=seed,
@@ -402,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--set", action="append", metavar="KEY=VALUE", help="any field of the method's config")
         q.add_argument("--group-size", type=int, default=None)
     for q in (e, qz, pf, sub.add_parser("run", parents=[common], help="the main job on the bundled default model")):
-        q.add_argument("--profile", choices=["quick", "paper"], default="quick")
+        q.add_argument("--profile", choices=["quick", "paper", "smoke"], default="quick",
+                       help="quick (default): 40 windows, reduced calibration; smoke: 8 windows, the test "
+                            "suite's calibration, minutes; paper: every window, the papers' settings")
         q.add_argument("--device", default="auto")
     r = sub._name_parser_map["run"]
     r.add_argument("--model", default=None)

@@ -1,5 +1,7 @@
 """Profiles: `quick` (the default on a CPU) shrinks calibration so a cell finishes in minutes on two
-cores and scores WikiText-2 on the first 40 windows; `paper` keeps each method's paper settings."""
+cores and scores WikiText-2 on the first 40 windows; `paper` keeps each method's paper settings;
+`smoke` calibrates as the test suite's default tier (so the two share cached cells) and scores the
+first 8 windows, for a whole `slmquant run` in under half an hour on two cores."""
 from __future__ import annotations
 
 from dataclasses import fields
@@ -32,10 +34,22 @@ PR_GATE_TASKS = ("mmlu_cloze", "arc_challenge", "arc_easy", "piqa", "hellaswag")
 PR_GATE_ITEMS = 120        # 150 items measured 314 s (RTN W8A8, fresh): over the 5-minute target
 
 
+# The smoke profile: 16 calibration windows of 512 tokens (8,192 tokens), OmniQuant 1 epoch,
+# SpinQuant 8 Cayley steps: the default tier's budget (tests/matrix.py DEFAULT). WikiText-2 on the
+# first SMOKE_WINDOWS windows of 2048 (16,376 predicted tokens); the report prints each ratio's
+# paired 95% interval, which this sample size leaves wide.
+SMOKE = {"calib_samples": 16, "calib_seqlen": 512, "epochs": 1, "steps": 8}
+SMOKE_WINDOWS = 8
+PROFILES = ("quick", "paper", "smoke")
+
+
 def profile_settings(method: str, profile: str) -> dict:
-    if profile not in ("quick", "paper"):
-        raise SlmquantError(f"profile {profile!r}: choose quick or paper")
+    if profile not in PROFILES:
+        raise SlmquantError(f"profile {profile!r}: choose {', '.join(PROFILES)}")
     if profile == "paper":
         return {}
+    if profile == "smoke":
+        names = {f.name for f in fields(get_method(method).config)}
+        return {k: v for k, v in SMOKE.items() if k in names}
     names = {f.name for f in fields(get_method(method).config)}
     return {k: v for k, v in {**QUICK, **QUICK_BY_METHOD.get(method, {})}.items() if k in names}

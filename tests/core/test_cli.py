@@ -150,5 +150,18 @@ def test_quick_profile_budgets():
     assert profile_settings("rtn", "quick") == {} == profile_settings("gptq", "paper")
     paper = make_config("gptq", "w4a16")
     assert (paper.calib_samples, paper.calib_seqlen) == (128, 2048)
-    with pytest.raises(SlmquantError, match="choose quick or paper"):
+    with pytest.raises(SlmquantError, match="choose quick, paper, smoke"):
         profile_settings("gptq", "fast")
+
+
+def test_smoke_profile_builds_the_default_tiers_cells():
+    """`--profile smoke` calibrates every method exactly as the test suite's default tier, so a
+    smoke run and the suite share cached cells (same cell keys)."""
+    from slmquant.cells import Cell
+    from slmquant.methods import all_methods, make_config
+    from slmquant.profiles import profile_settings
+    from tests.matrix import DEFAULT, make_cell
+    for method in all_methods():
+        for bits in ("w8a8", "w4a8"):
+            smoke = Cell("smollm2-135m", method, make_config(method, bits, profile_settings(method, "smoke")))
+            assert smoke == make_cell("smollm2-135m", method, bits, {}, DEFAULT), (method, bits)
