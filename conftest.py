@@ -174,16 +174,25 @@ def float_ref(float_models):
 
 
 @pytest.fixture(scope="session")
-def gate_metrics(quantized, float_ref):
+def gate_metrics(quantized, float_ref, float_models):
     """cell -> the default tier's gate statistics of a cell (KL from float, perplexity ratio, and the
-    damage ratio to the RTN cell with the same settings, scored in this session), memoized."""
+    damage ratio to the RTN cell with the same settings), memoized, and kept in the measurement cache
+    under a key of the cell (its own cache key: source, settings, the method's code), the float
+    model, the windows, the scoring code and the gate's own: an RTN twin that several workers (or the
+    mutation tier) need is scored once."""
+    from slmquant import evaluate
+    from slmquant.measure import MeasureCache, float_key
     from tests import gates
     from tests.matrix import DEFAULT
     memo: dict = {}
 
     def get(cell):
         if cell.id not in memo:
-            m = float_ref(cell.model, DEFAULT).score(quantized(cell)[0])
+            fmodel, tok = float_models(cell.model)
+            key = f"{cell.key(fmodel.slmquant_source.key)}|ref={float_key(fmodel)}"
+            m = dict(MeasureCache().scores("gate", key, evaluate.wikitext2_tokens(tok), DEFAULT.seqlen,
+                                           DEFAULT.windows, lambda: float_ref(cell.model, DEFAULT).score(quantized(cell)[0]),
+                                           code=gates.gate_code_hash()))
             if cell.method != "rtn":
                 m["damage_ratio"] = m["kl"] / get(gates.rtn_twin(cell))["kl"]
             memo[cell.id] = m

@@ -80,6 +80,21 @@ class MeasureCache:
                 "eval_s": 0.0, "key": self.key(model_key, tokens, seqlen, limit, sample_seed),
                 "model_key": model_key, "derived_from": full["key"], "from_cache": True}
 
+    def scores(self, kind: str, model_key: str, tokens: torch.Tensor, seqlen: int, limit,
+               compute: Callable[[], dict], code: str = "") -> dict:
+        """A measurement other than perplexity (the test gate's KL against a float reference, say),
+        computed by `compute()` on a miss and kept under the same kind of key; `code` holds what its
+        computation depends on beyond the scoring code (a hash of the caller's source)."""
+        key = self.key(f"{model_key}|{kind}|{code}", tokens, seqlen, limit, None)
+        path = self.root / f"{kind}-{key}.json"
+        with FileLock(str(path.with_suffix(".lock"))):
+            res = self._read(path, key, "model_key")
+            if res is not None:
+                return res
+            res = {**compute(), "key": key, "model_key": model_key}
+            self._write(path, res)
+            return {**res, "from_cache": False}
+
     @staticmethod
     def task_key(model_key: str, task: str, settings) -> str:
         from dataclasses import asdict

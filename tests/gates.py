@@ -270,6 +270,13 @@ class FloatReference:
                 "float_window_nll": self.result.window_nll, "seqlen": self.tier.seqlen, "n_windows": r.n_windows}
 
 
+def gate_code_hash() -> str:
+    """What a cached gate score depends on in this file: the float reference and its scoring."""
+    import hashlib
+    import inspect
+    return hashlib.sha256(inspect.getsource(FloatReference).encode()).hexdigest()[:16]
+
+
 @torch.no_grad()
 def window_kl(reference, model, tokens, seqlen: int) -> float:
     """KL(reference || model) per position on the first window of `seqlen` tokens (no stored logits)."""

@@ -1,4 +1,5 @@
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -201,3 +202,26 @@ def test_bad_reserve_setting_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("SLMQUANT_CACHE_RESERVE_GB", "lots")
     with pytest.raises(SlmquantError, match="SLMQUANT_CACHE_RESERVE_GB='lots'"):
         CellCache(tmp_path).get(_cell(), model, tok)
+
+
+def test_scores_are_computed_once_per_key(tmp_path):
+    """A cached score (the gate's KL, say) is computed on the first call only; another kind, model,
+    window count or caller code is another measurement; a torn file is measured again."""
+    from slmquant.measure import MeasureCache
+    store, tokens, calls = MeasureCache(tmp_path), torch.arange(100), []
+
+    def compute():
+        calls.append(1)
+        return {"kl": 0.5 + len(calls)}
+    first = store.scores("gate", "cell-a", tokens, 10, 4, compute, code="c1")
+    again = store.scores("gate", "cell-a", tokens, 10, 4, compute, code="c1")
+    assert (first["from_cache"], again["from_cache"], again["kl"], len(calls)) == (False, True, 1.5, 1)
+    for args in (("gate", "cell-b", 4, "c1"), ("gate", "cell-a", 8, "c1"), ("gate", "cell-a", 4, "c2"),
+                 ("other", "cell-a", 4, "c1")):
+        kind, model, limit, code = args
+        assert store.scores(kind, model, tokens, 10, limit, compute, code=code)["from_cache"] is False
+    path = tmp_path / f"gate-{store.key('cell-a|gate|c1', tokens, 10, 4, None)}.json"
+    path.write_text('{"kl": ')
+    n = len(calls)
+    assert store.scores("gate", "cell-a", tokens, 10, 4, compute, code="c1")["from_cache"] is False
+    assert len(calls) == n + 1 and json.loads(path.read_text())["kl"] == 0.5 + len(calls)
