@@ -163,17 +163,34 @@ def _param(m: Mutation):
 
 @pytest.mark.parametrize("mutation", [_param(m) for m in MUTATIONS])
 def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate_metrics, request):
+    """The mutated cell's gate statistics are kept in the measurement cache under a key of the cell
+    (its own key: the method's code and everything it imports), the mutation's source, the float
+    model and the gate's code: a pull request that changes one method re-runs that method's
+    mutations only, and the gates are applied afresh, against the current baselines, every time."""
+    import hashlib
+    import inspect
+
+    from slmquant import evaluate
+    from slmquant.measure import MeasureCache, float_key
     cell = make_cell("smollm2-135m", mutation.method, mutation.bits, dict(mutation.settings), DEFAULT)
     rec = load("track1", "test_cell_gate", cell.id)
     assert rec is not None, f"no recorded baseline for {cell.id}"
     twin = None if cell.method == "rtn" else gate_metrics(gates.rtn_twin(cell))["kl"]   # unmutated
     model, tok = float_models(cell.model)
-    get_method(cell.method)                   # registry loaded before the no-op replaces its entries
-    mutation.apply(monkeypatch)
-    torch.manual_seed(0)
-    broken, _ = build(cell, model, tok)
-    m = float_ref(cell.model, DEFAULT).score(broken)
-    monkeypatch.undo()
+
+    def measure() -> dict:
+        get_method(cell.method)               # registry loaded before the no-op replaces its entries
+        mutation.apply(monkeypatch)
+        try:
+            torch.manual_seed(0)
+            broken, _ = build(cell, model, tok)
+            return float_ref(cell.model, DEFAULT).score(broken)
+        finally:
+            monkeypatch.undo()
+    source = hashlib.sha256(inspect.getsource(mutation.apply).encode()).hexdigest()[:16]
+    key = f"{cell.key(model.slmquant_source.key)}|mutation={mutation.name}:{source}|ref={float_key(model)}"
+    m = dict(MeasureCache().scores("mutation", key, evaluate.wikitext2_tokens(tok), DEFAULT.seqlen,
+                                   DEFAULT.windows, measure, code=gates.gate_code_hash()))
     if twin is not None:
         m["damage_ratio"] = m["kl"] / twin
     failures = gates.check_default(cell, m, rec["metrics"])
