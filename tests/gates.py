@@ -34,7 +34,8 @@ GATE_STATS = {"kl": "damage", "damage_ratio": "vs_rtn", "ppl_ratio": "ppl"}
 # runs (calibration seed 1; AVX2 kernels; 1 thread), 16 windows of 512 tokens, 2026-12-01
 # (`python -m tests.spread --table results/spread/{base,seed1,avx2,t1}.json --literal`). The GPTQ
 # rows (full grid) and the OmniQuant rows were measured again after GPTQ's default changed; their
-# AVX2 run used 1 thread (it ran beside the 1-thread run), so it varies both at once.
+# AVX2 run used 1 thread (it ran beside the 1-thread run), so it varies both at once; so did the
+# SpinQuant rows' (2026-12-01, later; each run learned its own rotations).
 SPREAD: dict[str, dict[str, float]] = {
     "smollm2-rtn-w8a8": {"kl": 0.0067, "ppl_ratio": 0.0001},
     "smollm2-rtn-w4a8": {"kl": 0.0006, "ppl_ratio": 0.0031},
@@ -53,6 +54,9 @@ SPREAD: dict[str, dict[str, float]] = {
     "smollm2-omniquant-w4a8-calib_samples=16-calib_seqlen=512-epochs=1": {"kl": 0.0313, "damage_ratio": 0.0313, "ppl_ratio": 0.0273},
     "smollm2-omniquant-w4a16-calib_samples=16-calib_seqlen=512-epochs=1": {"kl": 0.0147, "damage_ratio": 0.0147, "ppl_ratio": 0.0115},
     "smollm2-rtn-w8a8-sym=False": {"kl": 0.0143, "ppl_ratio": 0.0041},
+    "smollm2-spinquant-w8a8-calib_samples=16-calib_seqlen=512-steps=8": {"kl": 0.0192, "damage_ratio": 0.0153, "ppl_ratio": 0.0025},
+    "smollm2-spinquant-w4a8-calib_samples=16-calib_seqlen=512-steps=8": {"kl": 0.0885, "damage_ratio": 0.0885, "ppl_ratio": 0.0253},
+    "smollm2-spinquant-w4a16-calib_samples=16-calib_seqlen=512-steps=8": {"kl": 0.0604, "damage_ratio": 0.0604, "ppl_ratio": 0.0321},
 }
 
 # Cells whose method must beat RTN by design (damage ratio below 1 - its band), whatever is recorded:
