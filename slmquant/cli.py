@@ -414,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bits", default=None, help="comma-separated bits widths (default: w8a8,w4a8)")
     rp = sub.add_parser("report", parents=[common], help="tables (Markdown, CSV) and plots of a run's results folder")
     rp.add_argument("folder", help="a folder written by `slmquant run`")
+    rp.add_argument("--readme", default=None, help="also rewrite this README's generated results section")
     return p
 
 
@@ -434,6 +435,9 @@ def cmd_report(args) -> dict:
     rep = write_report(folder, _paper_or_none())
     if not rep["rows"] and rep["float"] is None:
         raise SlmquantError(f"{folder}: no results of `slmquant run` in it")
+    if args.readme:
+        from .report import update_readme
+        update_readme(Path(args.readme), rep, folder)
     if not args.json:
         print((folder / "report.md").read_text())
     return {"folder": str(folder), "cells": [x["cell"] for x in rep["rows"]],

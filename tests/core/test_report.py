@@ -98,3 +98,20 @@ def test_report_command(run_folder, capsys, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     assert main(["report", str(empty)]) == 2 and "no results" in capsys.readouterr().err
     assert main(["report", str(empty / "nope")]) == 2
+
+
+def test_readme_section_is_replaced_by_the_report(run_folder, tmp_path_factory):
+    from slmquant.errors import SlmquantError
+    from slmquant.report import README_BEGIN, README_END, update_readme
+    folder, _ = run_folder
+    rep = write_report(folder, PAPER)
+    readme = tmp_path_factory.mktemp("repo") / "README.md"
+    readme.write_text(f"# x\n\n## Results\n{README_BEGIN}\nold\n{README_END}\n\n## After\n")
+    assert update_readme(readme, rep, folder) is True
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("## After\n") and "### Track 1: accuracy" in text
+    assert f"{rep['rows'][0]['ppl_ratio']:.4f}" in text and "/ppl_ratio.png)" in text
+    assert update_readme(readme, rep, folder) is False            # regenerated: nothing changes
+    readme.write_text("# no section\n")
+    with pytest.raises(SlmquantError, match="no generated section"):
+        update_readme(readme, rep, folder)
