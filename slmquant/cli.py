@@ -274,8 +274,8 @@ def cmd_run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_name = args.model or "smollm2-135m"
-    methods = _choices(args.methods, list(all_methods()), "method")
-    bits_list = _choices(args.bits, ["w8a8", "w4a8"], "bits", allowed=("w8a8", "w4a8", "w4a16"))
+    methods = list(dict.fromkeys(_choices(args.methods, list(all_methods()), "method")))
+    bits_list = list(dict.fromkeys(_choices(args.bits, ["w8a8", "w4a8"], "bits", allowed=("w8a8", "w4a8", "w4a16"))))
     plan = [("none", None)] + [(m, b) for m in methods for b in bits_list]
     from .report import write_report
     paper = _paper_or_none()
@@ -293,7 +293,10 @@ def cmd_run(args) -> dict:
             res["run_identity"] = want
             write_text_atomic(path, json.dumps(res, indent=1, default=str))
         results[name] = res
-        write_report(out, paper)                                   # the tables grow cell by cell
+        try:
+            write_report(out, paper)                               # the tables grow cell by cell
+        except Exception as e:                                     # noqa: BLE001 -- never lose the run to its report
+            print(f"slmquant: the report could not be written ({type(e).__name__}: {e})", file=sys.stderr)
         fppl = results["float"]["wikitext2"]["ppl"]
         q = res.get("quantization", {}).get("cost", {})
         rows.append({"cell": name, "wikitext2_ppl": res["wikitext2"]["ppl"],
@@ -422,19 +425,19 @@ def _paper_or_none() -> dict | None:
     from .scores import paper_tables
     try:
         return paper_tables()
-    except SlmquantError:
+    except (SlmquantError, ValueError):                # missing, or not JSON: the report goes without
         return None
 
 
 def cmd_report(args) -> dict:
     """Tables 1 and 4 of a run's results folder, with the paper's values beside ours, and plots."""
-    from .report import write_report
+    from .report import load_results, write_report
     folder = Path(args.folder)
     if not folder.is_dir():
         raise SlmquantError(f"{folder}: no such folder (write one with `slmquant run --out {folder}`)")
-    rep = write_report(folder, _paper_or_none())
-    if not rep["rows"] and rep["float"] is None:
+    if not load_results(folder):
         raise SlmquantError(f"{folder}: no results of `slmquant run` in it")
+    rep = write_report(folder, _paper_or_none())
     if args.readme:
         from .report import update_readme
         update_readme(Path(args.readme), rep, folder)

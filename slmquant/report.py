@@ -9,8 +9,10 @@ can check them against the results it was given. A cell that is missing is a bla
 an error: parts of a matrix run on different machines merge by copying their files into one folder
 (each keeps its device, shown per row).
 
-Confidence intervals: perplexity over W scored windows, exp(mean NLL +- 1.96 s / sqrt(W)) from the
-spread s of the per-window mean NLL; a task accuracy, +- 1.96 of lm-eval's standard error."""
+Confidence intervals: perplexity over W scored windows, exp(mean NLL +- t s / sqrt(W)) from the
+spread s of the per-window mean NLL (t: Student's 95% quantile, W - 1 degrees of freedom); a task
+accuracy, +- 1.96 of lm-eval's standard error. A cell is compared with the float result only when
+both scored the same model on the same windows under the same profile."""
 from __future__ import annotations
 
 import csv
@@ -26,6 +28,12 @@ TASK_COLUMNS = {"mmlu_cloze": "mmlu", "mmlu": "mmlu", "arc_challenge": "arc_c", 
                 "piqa": "piqa", "hellaswag": "hellaswag"}
 PAPER_METHODS = ("smoothquant", "omniquant", "spinquant")      # the paper's slmq_quant set
 Z95 = 1.96
+# two-sided 95% Student t quantiles by degrees of freedom (few windows: the normal's 1.96 would
+# claim more than it has); beyond 30, 1.96
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+       10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101,
+       19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052,
+       28: 2.048, 29: 2.045, 30: 2.042}
 
 
 def load_results(folder: Path) -> dict[str, dict]:
@@ -36,7 +44,8 @@ def load_results(folder: Path) -> dict[str, dict]:
             res = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(res, dict) and "wikitext2" in res and "model" in res:
+        w = res.get("wikitext2") if isinstance(res, dict) else None
+        if isinstance(w, dict) and {"ppl", "seqlen"} <= set(w) and res.get("model") and res.get("bits"):
             out[p.stem] = res
     return out
 
@@ -49,7 +58,7 @@ def ppl_interval(window_nll: list[float], tokens_per_window: int) -> tuple[float
     means = [x / tokens_per_window for x in window_nll]
     mu = sum(means) / w
     sd = math.sqrt(sum((m - mu) ** 2 for m in means) / (w - 1))
-    half = Z95 * sd / math.sqrt(w)
+    half = T95.get(w - 1, Z95) * sd / math.sqrt(w)
     return math.exp(mu - half), math.exp(mu + half)
 
 
@@ -61,7 +70,7 @@ def ratio_interval(nll: list[float], float_nll: list[float], tokens_per_window: 
         return None
     d = [(a - b) / tokens_per_window for a, b in zip(nll, float_nll)]
     mu = sum(d) / w
-    half = Z95 * math.sqrt(sum((x - mu) ** 2 for x in d) / (w - 1)) / math.sqrt(w)
+    half = T95.get(w - 1, Z95) * math.sqrt(sum((x - mu) ** 2 for x in d) / (w - 1)) / math.sqrt(w)
     return math.exp(mu - half), math.exp(mu + half)
 
 
@@ -86,39 +95,49 @@ def build_report(results: dict[str, dict], paper: dict | None) -> dict:
     from .scores import slmq_quant
     fl = results.get("float")
     rows = []
+
+    def comparable(r: dict) -> bool:                 # the same model, windows and profile as float
+        a, b = r["wikitext2"], fl["wikitext2"]
+        return (r["model"] == fl["model"] and r.get("profile") == fl.get("profile")
+                and (a.get("windows"), a["seqlen"], a.get("n_windows")) == (b.get("windows"), b["seqlen"], b.get("n_windows")))
     for name, r in results.items():
         if name == "float":
             continue
         w = r["wikitext2"]
+        ref = fl if fl and comparable(r) else None
         row = {"cell": name, "method": r.get("method"), "bits": r.get("bits"), "device": r.get("device"),
                "ppl": w["ppl"], "ppl_ci": ppl_interval(w.get("window_nll", []), w["seqlen"] - 1),
-               "ppl_ratio": w["ppl"] / fl["wikitext2"]["ppl"] if fl else None, "paper_ppl_ratio": None,
-               "ppl_ratio_ci": ratio_interval(w.get("window_nll", []), fl["wikitext2"].get("window_nll", []),
-                                              w["seqlen"] - 1) if fl else None}
+               "ppl_ratio": w["ppl"] / ref["wikitext2"]["ppl"] if ref else None, "paper_ppl_ratio": None,
+               "ppl_ratio_ci": ratio_interval(w.get("window_nll", []), ref["wikitext2"].get("window_nll", []),
+                                              w["seqlen"] - 1) if ref else None}
         pm = _paper_model(r)
         ptab = ((paper or {}).get("track1") or {}).get(pm or "", {})
         pcell = ptab.get(f"{row['method']}/{row['bits']}")
         if pcell and "FP16" in ptab:
             row["paper_ppl_ratio"] = pcell["wiki"] / ptab["FP16"]["wiki"]
         for task, col in TASK_COLUMNS.items():
-            if task in r and fl and task in fl:
+            if task in r and ref and task in ref:
+                se = r[task].get("acc_norm_stderr")
                 row[col] = r[task]["acc_norm"]
-                row[col + "_ci"] = Z95 * r[task].get("acc_norm_stderr", 0.0)
-                row[col + "_ratio"] = r[task]["acc_norm"] / fl[task]["acc_norm"]
+                row[col + "_ci"] = Z95 * se if isinstance(se, (int, float)) else 0.0
+                row[col + "_ratio"] = r[task]["acc_norm"] / ref[task]["acc_norm"]
         q = (r.get("quantization") or {}).get("cost") or {}
         row["quant_s"], row["quant_peak_bytes"] = q.get("wall_s"), q.get("peak_mem_bytes")
         rows.append(row)
     rows.sort(key=_order)
     # slmq_quant per bits width over the paper's three methods, where all three are present
     for bits in sorted({x["bits"] for x in rows}):
-        costs = {x["method"]: (x["quant_s"], x["quant_peak_bytes"]) for x in rows
-                 if x["bits"] == bits and x["method"] in PAPER_METHODS and x["quant_s"] and x["quant_peak_bytes"]}
-        scored = slmq_quant(costs) if len(costs) == len(PAPER_METHODS) else {}
+        group = [x for x in rows if x["bits"] == bits and x["method"] in PAPER_METHODS
+                 and x["quant_s"] and x["quant_peak_bytes"]]
+        costs = {x["method"]: (x["quant_s"], x["quant_peak_bytes"]) for x in group}
+        same_device = len({x["device"] for x in group}) == 1
+        scored = slmq_quant(costs) if len(costs) == len(PAPER_METHODS) and same_device else {}
         for x in rows:
             if x["bits"] == bits:
                 x["slmq_quant"] = scored.get(x["method"])
     plotted = {"ppl_ratio": {x["cell"]: (x["ppl_ratio"], x["paper_ppl_ratio"]) for x in rows},
-               "cost_vs_accuracy": {x["cell"]: (x["quant_s"], x["ppl_ratio"]) for x in rows if x["quant_s"]}}
+               "cost_vs_accuracy": {x["cell"]: (x["quant_s"], x["ppl_ratio"]) for x in rows
+                                    if x["quant_s"] and x["ppl_ratio"] is not None}}
     model = fl["model"] if fl else (next(iter(results.values()))["model"] if results else None)
     return {"model": model, "float": fl and {"ppl": fl["wikitext2"]["ppl"],
                                              "ppl_ci": ppl_interval(fl["wikitext2"].get("window_nll", []),
@@ -197,6 +216,8 @@ def _plots(rep: dict, folder: Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     cv = rep["plotted"]["cost_vs_accuracy"]
+    if not cv:
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     for n, (t, r) in cv.items():
         ax.scatter(t, r)
@@ -227,9 +248,12 @@ def readme_section(rep: dict, folder_rel: str) -> str:
 def update_readme(readme: Path, rep: dict, folder: Path) -> bool:
     """Replace the README's generated section with this report's; False when it was already equal."""
     import os
+
+    from .errors import SlmquantError
+    if not readme.is_file():
+        raise SlmquantError(f"{readme}: no such file")
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
-        from .errors import SlmquantError
         raise SlmquantError(f"{readme}: no generated section (the lines {README_BEGIN!r} and {README_END!r})")
     rel = os.path.relpath(folder.resolve(), readme.resolve().parent)
     a, b = text.index(README_BEGIN), text.index(README_END) + len(README_END)

@@ -279,10 +279,12 @@ class FloatReference:
 
 
 def gate_code_hash() -> str:
-    """What a cached gate score depends on in this file: the float reference and its scoring."""
+    """What a cached gate score depends on beyond the scoring code: the float reference, its
+    scoring, and the window logits it is built from."""
     import hashlib
     import inspect
-    return hashlib.sha256(inspect.getsource(FloatReference).encode()).hexdigest()[:16]
+    src = inspect.getsource(FloatReference) + inspect.getsource(evaluate.window_logits)
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()

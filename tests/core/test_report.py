@@ -17,7 +17,8 @@ PAPER = {"track1": {"SmolLM2-135M": {"FP16": {"wiki": 15.0}, "smoothquant/w8a8":
 
 def _result(method, bits, nll, cost=None, acc=None):
     r = {"model": "smollm2-135m", "source": SOURCE, "method": method, "bits": bits, "device": "cpu",
-         "wikitext2": {"ppl": math.exp(sum(nll) / (len(nll) * 2047)), "seqlen": 2048, "window_nll": nll}}
+         "wikitext2": {"ppl": math.exp(sum(nll) / (len(nll) * 2047)), "seqlen": 2048, "window_nll": nll,
+                       "n_windows": len(nll), "windows": f"first:{len(nll)}"}}
     if cost:
         r["quantization"] = {"cost": {"wall_s": cost[0], "peak_mem_bytes": cost[1]}}
     if acc is not None:
@@ -52,7 +53,8 @@ def test_tables_and_plotted_values_are_the_results(run_folder):
     assert [x["cell"] for x in rep["rows"]] == ["rtn-w8a8", "smoothquant-w8a8", "omniquant-w8a8",
                                                  "spinquant-w8a8", "spinquant-w4a8"]       # the paper's order
     lo, hi = rows["rtn-w8a8"]["ppl_ratio_ci"]            # paired: narrower than the perplexities' own
-    assert lo < rows["rtn-w8a8"]["ppl_ratio"] < hi and hi - lo < 0.05
+    p_lo, p_hi = rows["rtn-w8a8"]["ppl_ci"]
+    assert lo < rows["rtn-w8a8"]["ppl_ratio"] < hi and hi / lo < (p_hi / p_lo) ** 0.5
     assert rows["smoothquant-w8a8"]["paper_ppl_ratio"] == pytest.approx(1.1)
     assert rows["spinquant-w4a8"]["paper_ppl_ratio"] == pytest.approx(1.2)
     assert rows["rtn-w8a8"]["paper_ppl_ratio"] is None                     # not in the paper: blank
@@ -86,8 +88,17 @@ def test_ppl_interval_brackets_the_perplexity_and_needs_two_windows():
 
 def test_missing_cells_and_paper_leave_blanks(tmp_path):
     (tmp_path / "rtn-w4a8.json").write_text(json.dumps(_result("rtn", "w4a8", [6300.0, 6500.0], (1.0, 1e8))))
-    rep = build_report(load_results(tmp_path), None)
+    rep = write_report(tmp_path, None)                           # no float: tables and plots still written
     assert rep["float"] is None and rep["rows"][0]["ppl_ratio"] is None and rep["rows"][0]["paper_ppl_ratio"] is None
+    assert rep["plotted"]["cost_vs_accuracy"] == {} and (tmp_path / "ppl_ratio.png").is_file()
+
+
+def test_cells_of_another_profile_or_model_are_not_compared_with_float(tmp_path):
+    fl = _result("none", "w16a16", [6000.0, 6200.0])
+    other = {**_result("rtn", "w8a8", [6100.0, 6300.0]), "profile": "smoke"}
+    bigger = _result("gptq", "w8a8", [6100.0, 6300.0, 6200.0])
+    rep = build_report({"float": fl, "rtn-w8a8": other, "gptq-w8a8": bigger}, None)
+    assert all(x["ppl_ratio"] is None and x["ppl_ratio_ci"] is None for x in rep["rows"])
 
 
 def test_report_command(run_folder, capsys, tmp_path_factory):

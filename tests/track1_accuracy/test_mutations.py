@@ -14,6 +14,7 @@ random Hadamards they start from (docs/spinquant.md), so only the rotations' ben
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -161,8 +162,24 @@ def _param(m: Mutation):
                         marks=[getattr(pytest.mark, m.method), getattr(pytest.mark, m.bits), pytest.mark.mutation])
 
 
+def _private_rotations(mp, folder):
+    """A mutated SpinQuant build reads the method's learned rotations (copied from the shared cache
+    when there) but never writes the shared cache: rotations learned under a mutation stay private."""
+    import shutil
+    shared = spin_mod._rotation_cache
+
+    def private(model, calib_, cfg):
+        src = shared(model, calib_, cfg)
+        dst = folder / src.name
+        if src.is_file() and not dst.exists():
+            shutil.copy(src, dst)
+        return dst
+    mp.setattr(spin_mod, "_rotation_cache", private)
+
+
 @pytest.mark.parametrize("mutation", [_param(m) for m in MUTATIONS])
-def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate_metrics, request):
+def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate_metrics, quantized,
+                            tmp_path, request):
     """The mutated cell's gate statistics are kept in the measurement cache under a key of the cell
     (its own key: the method's code and everything it imports), the mutation's source, the float
     model and the gate's code: a pull request that changes one method re-runs that method's
@@ -180,6 +197,9 @@ def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate
 
     def measure() -> dict:
         get_method(cell.method)               # registry loaded before the no-op replaces its entries
+        if cell.method == "spinquant":
+            quantized(cell)                   # the unmutated cell: its learned rotations in the shared cache
+            _private_rotations(monkeypatch, tmp_path)
         mutation.apply(monkeypatch)
         try:
             torch.manual_seed(0)
@@ -187,7 +207,8 @@ def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate
             return float_ref(cell.model, DEFAULT).score(broken)
         finally:
             monkeypatch.undo()
-    source = hashlib.sha256(inspect.getsource(mutation.apply).encode()).hexdigest()[:16]
+    # the mutation, and this file (how a mutated cell is built and scored)
+    source = hashlib.sha256(inspect.getsource(mutation.apply).encode() + Path(__file__).read_bytes()).hexdigest()[:16]
     key = f"{cell.key(model.slmquant_source.key)}|mutation={mutation.name}:{source}|ref={float_key(model)}"
     m = dict(MeasureCache().scores("mutation", key, evaluate.wikitext2_tokens(tok), DEFAULT.seqlen,
                                    DEFAULT.windows, measure, code=gates.gate_code_hash()))
