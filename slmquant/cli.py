@@ -237,7 +237,7 @@ def _choices(given: str | None, default: list[str], what: str, allowed=None) -> 
     if bad or not names:
         raise SlmquantError(f"unknown {what} {', '.join(bad) or repr(given)}: choose from "
                             f"{', '.join(allowed or default)}")
-    return names
+    return list(dict.fromkeys(names))                 # repeated names once
 
 
 def _run_identity(model: str, method: str, bits: str | None, profile: str) -> str | None:
@@ -274,8 +274,8 @@ def cmd_run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_name = args.model or "smollm2-135m"
-    methods = list(dict.fromkeys(_choices(args.methods, list(all_methods()), "method")))
-    bits_list = list(dict.fromkeys(_choices(args.bits, ["w8a8", "w4a8"], "bits", allowed=("w8a8", "w4a8", "w4a16"))))
+    methods = _choices(args.methods, list(all_methods()), "method")
+    bits_list = _choices(args.bits, ["w8a8", "w4a8"], "bits", allowed=("w8a8", "w4a8", "w4a16"))
     plan = [("none", None)] + [(m, b) for m in methods for b in bits_list]
     from .report import write_report
     paper = _paper_or_none()

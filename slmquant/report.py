@@ -50,28 +50,27 @@ def load_results(folder: Path) -> dict[str, dict]:
     return out
 
 
-def ppl_interval(window_nll: list[float], tokens_per_window: int) -> tuple[float, float] | None:
-    """95% interval of a perplexity from its per-window NLL sums (None under two windows)."""
-    w = len(window_nll)
+def _exp_interval(values: list[float]) -> tuple[float, float] | None:
+    """exp of the 95% interval of the mean of `values` (Student t; None under two values)."""
+    w = len(values)
     if w < 2:
         return None
-    means = [x / tokens_per_window for x in window_nll]
-    mu = sum(means) / w
-    sd = math.sqrt(sum((m - mu) ** 2 for m in means) / (w - 1))
-    half = T95.get(w - 1, Z95) * sd / math.sqrt(w)
+    mu = sum(values) / w
+    half = T95.get(w - 1, Z95) * math.sqrt(sum((v - mu) ** 2 for v in values) / (w - 1)) / math.sqrt(w)
     return math.exp(mu - half), math.exp(mu + half)
+
+
+def ppl_interval(window_nll: list[float], tokens_per_window: int) -> tuple[float, float] | None:
+    """95% interval of a perplexity from its per-window NLL sums (None under two windows)."""
+    return _exp_interval([x / tokens_per_window for x in window_nll])
 
 
 def ratio_interval(nll: list[float], float_nll: list[float], tokens_per_window: int) -> tuple[float, float] | None:
     """95% interval of a perplexity ratio to float scored on the same windows, from the per-window
     differences of mean NLL (paired: the windows' own difficulty cancels). None under two windows."""
-    w = len(nll)
-    if w < 2 or len(float_nll) != w:
+    if len(float_nll) != len(nll):
         return None
-    d = [(a - b) / tokens_per_window for a, b in zip(nll, float_nll)]
-    mu = sum(d) / w
-    half = T95.get(w - 1, Z95) * math.sqrt(sum((x - mu) ** 2 for x in d) / (w - 1)) / math.sqrt(w)
-    return math.exp(mu - half), math.exp(mu + half)
+    return _exp_interval([(a - b) / tokens_per_window for a, b in zip(nll, float_nll)])
 
 
 BITS_ORDER = ("w8a8", "w4a8", "w4a16")

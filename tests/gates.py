@@ -278,6 +278,24 @@ class FloatReference:
                 "float_window_nll": self.result.window_nll, "seqlen": self.tier.seqlen, "n_windows": r.n_windows}
 
 
+def private_rotation_cache(folder, copy_shared: bool):
+    """(`spinquant._rotation_cache` replacement) SpinQuant's learned rotations kept in `folder`
+    instead of the shared cache; with copy_shared, a rotation the shared cache holds is copied in
+    first (read the method's learned rotations, never write the shared cache)."""
+    import shutil
+
+    from slmquant.methods import spinquant
+    shared = spinquant._rotation_cache
+
+    def private(model, calib, cfg):
+        src = shared(model, calib, cfg)
+        dst = folder / src.name
+        if copy_shared and src.is_file() and not dst.exists():
+            shutil.copy(src, dst)
+        return dst
+    return private
+
+
 def gate_code_hash() -> str:
     """What a cached gate score depends on beyond the scoring code: the float reference, its
     scoring, and the window logits it is built from."""

@@ -78,9 +78,9 @@ def _private_rotation_cache() -> None:
     import tempfile
 
     from slmquant.methods import spinquant
-    tmp = Path(tempfile.mkdtemp(prefix="slmquant-spread-rotations-"))
-    shared = spinquant._rotation_cache
-    spinquant._rotation_cache = lambda model, calib, cfg: tmp / shared(model, calib, cfg).name
+    from tests import gates
+    folder = Path(tempfile.mkdtemp(prefix="slmquant-spread-rotations-"))
+    spinquant._rotation_cache = gates.private_rotation_cache(folder, copy_shared=False)
 
 
 def _prefix(cell: dict, n: int) -> tuple[float, float]:

@@ -162,21 +162,6 @@ def _param(m: Mutation):
                         marks=[getattr(pytest.mark, m.method), getattr(pytest.mark, m.bits), pytest.mark.mutation])
 
 
-def _private_rotations(mp, folder):
-    """A mutated SpinQuant build reads the method's learned rotations (copied from the shared cache
-    when there) but never writes the shared cache: rotations learned under a mutation stay private."""
-    import shutil
-    shared = spin_mod._rotation_cache
-
-    def private(model, calib_, cfg):
-        src = shared(model, calib_, cfg)
-        dst = folder / src.name
-        if src.is_file() and not dst.exists():
-            shutil.copy(src, dst)
-        return dst
-    mp.setattr(spin_mod, "_rotation_cache", private)
-
-
 @pytest.mark.parametrize("mutation", [_param(m) for m in MUTATIONS])
 def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate_metrics, quantized,
                             tmp_path, request):
@@ -199,7 +184,8 @@ def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate
         get_method(cell.method)               # registry loaded before the no-op replaces its entries
         if cell.method == "spinquant":
             quantized(cell)                   # the unmutated cell: its learned rotations in the shared cache
-            _private_rotations(monkeypatch, tmp_path)
+            # a mutated build reads the learned rotations but never writes the shared cache
+            monkeypatch.setattr(spin_mod, "_rotation_cache", gates.private_rotation_cache(tmp_path, copy_shared=True))
         mutation.apply(monkeypatch)
         try:
             torch.manual_seed(0)
