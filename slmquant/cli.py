@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from .errors import SlmquantError
-from .files import write_text_atomic
 
 
 def _versions() -> dict:
@@ -97,7 +96,7 @@ def _eval_wikitext2(model, tok, model_key: str, limit, profile, data_dir, fresh:
     from .measure import MeasureCache
     root = data.data_dir(data_dir)
     tokens = evaluate.wikitext2_tokens(tok, "test", root)
-    if limit is None:          # the profile decides: quick = the first 40 windows, smoke 8, paper = all
+    if limit is None:          # the profile decides: quick = the first 40 windows, smoke 4, paper = all
         from .profiles import SMOKE_WINDOWS
         limit, seed = {"quick": evaluate.QUICK_WINDOWS, "smoke": SMOKE_WINDOWS}.get(profile), None
     else:                      # --limit N: a seeded sample of N windows; --limit all: every window
@@ -240,117 +239,103 @@ def _choices(given: str | None, default: list[str], what: str, allowed=None) -> 
     return list(dict.fromkeys(names))                 # repeated names once
 
 
-def _run_identity(model: str, method: str, bits: str | None, profile: str) -> str | None:
-    """What a saved `run` result must match to be reused: the model's source and profile, and for a
-    quantized cell its cache key (every setting and the quantizer's code). A result of an older
-    calibration setting or quantizer is evaluated again, never reused. None where the source is
-    only known after loading (a Hub id): such cells are always evaluated (the caches keep that cheap)."""
-    from .models import resolve
-    source = resolve(model)[2]
-    if source is None:
-        return None
-    if method == "none":
-        return f"{source.key}:{profile}:float"
-    from .cells import Cell
-    from .methods import make_config
-    from .profiles import profile_settings
-    cell = Cell(model, method, make_config(method, bits, profile_settings(method, profile)))
-    return f"{source.key}:{profile}:{cell.key(source.key)}"
-
-
-def _read_result(path: Path) -> dict | None:
-    """A saved result, or None when it is missing or unreadable (an interrupted write)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def cmd_run(args) -> dict:
-    """The main job: the float model and every registered method at W8A8 and W4A8 on the bundled
-    default model, scored on the profile's WikiText-2 subset, one table. Each cell's result is
-    written as it finishes and reused on the next run, so an interrupted run resumes."""
-    from .methods import all_methods
+def _bench(args, models: list[str], methods: list[str], bits: list[str], tracks: tuple[int, ...],
+           cells=None, tasks=None) -> list[dict]:
+    """Run a matrix through slmquant.bench, rewriting the report after every cell."""
+    from .bench import run_bench
+    from .report import write_report
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_name = args.model or "smollm2-135m"
-    methods = _choices(args.methods, list(all_methods()), "method")
-    bits_list = _choices(args.bits, ["w8a8", "w4a8"], "bits", allowed=("w8a8", "w4a8", "w4a16"))
-    plan = [("none", None)] + [(m, b) for m in methods for b in bits_list]
-    from .report import write_report
     paper = _paper_or_none()
-    rows, results = [], {}
-    for method, bits in plan:
-        name = f"{method}-{bits}" if bits else "float"
-        path = out / f"{name}.json"
-        ns = argparse.Namespace(**{**vars(args), "model": model_name, "method": method, "bits": bits,
-                                   "tasks": "wikitext2", "limit": None, "set": None, "group_size": None,
-                                   "json": True})
-        want = _run_identity(model_name, method, bits, args.profile)
-        res = _read_result(path)
-        if res is None or want is None or res.get("run_identity") != want:
-            res = cmd_eval(ns)
-            res["run_identity"] = want
-            write_text_atomic(path, json.dumps(res, indent=1, default=str))
-        results[name] = res
+
+    def report(_res):
         try:
             write_report(out, paper)                               # the tables grow cell by cell
         except Exception as e:                                     # noqa: BLE001 -- never lose the run to its report
             print(f"slmquant: the report could not be written ({type(e).__name__}: {e})", file=sys.stderr)
-        fppl = results["float"]["wikitext2"]["ppl"]
-        q = res.get("quantization", {}).get("cost", {})
-        rows.append({"cell": name, "wikitext2_ppl": res["wikitext2"]["ppl"],
-                     "ppl_ratio": res["wikitext2"]["ppl"] / fppl, "tokens": res["wikitext2"]["n_tokens"],
-                     "quant_s": q.get("wall_s"), "eval_s": res["eval_s"]})
+    if args.data_dir:
+        os.environ["SLMQUANT_DATA"] = args.data_dir
+    items = -1 if args.task_items is None else (None if args.task_items == "all" else _limit(args.task_items))
+    results = run_bench(models, methods, bits, tracks, args.profile, out, device=_device(args.device),
+                        force=args.force, task_items=items, data_dir=args.data_dir, after_cell=report,
+                        cells=cells, tasks=tasks, embeddings=getattr(args, "embeddings", "float16"))
+    report(None)
+    return results
+
+
+def _rows(results: list[dict]) -> list[dict]:
+    """One summary row per cell (ratios to the float cell of the same model)."""
+    fppl = {r["model"]: r["wikitext2"]["ppl"] for r in results if r["method"] == "none" and "wikitext2" in r}
+    rows = []
+    for r in results:
+        w, i = r.get("wikitext2") or {}, r.get("infer") or {}
+        q = (r.get("quantization") or {}).get("cost") or {}
+        rows.append({"model": r["model"], "cell": "float" if r["method"] == "none" else f"{r['method']}-{r['bits']}",
+                     "wikitext2_ppl": w.get("ppl"), "tokens": w.get("n_tokens"),
+                     "ppl_ratio": w["ppl"] / fppl[r["model"]] if w and r["model"] in fppl else None,
+                     "arc_e": (r.get("arc_easy") or {}).get("acc_norm"),
+                     "hellaswag": (r.get("hellaswag") or {}).get("acc_norm"),
+                     "slmq_infer": i.get("slmq_infer"), "quant_s": q.get("wall_s"), "elapsed_s": r.get("elapsed_s")})
+    return rows
+
+
+def _finish(args, results: list[dict]) -> dict:
+    rows = _rows(results)
     if not args.json:
-        src = results["float"]["source"]
-        print(f"\n{model_name} ({src['describes'] or src['ref']}, stand-in for {src['stand_in_for']}), "
-              f"profile {args.profile}, load {results['float']['load_s']:.1f} s")
-        _print_table(rows, ["cell", "wikitext2_ppl", "ppl_ratio", "tokens", "quant_s", "eval_s"])
-        print(f"results in {out}/ (tables and plots: {out}/report.md)")
-    return {"model": model_name, "profile": args.profile, "rows": rows, "out": str(out)}
+        _print_table(rows, ["model", "cell", "wikitext2_ppl", "ppl_ratio", "tokens", "arc_e", "hellaswag",
+                            "slmq_infer", "quant_s", "elapsed_s"])
+        print(f"results in {args.out}/ (tables and plots: {args.out}/report.md)")
+    return {"profile": args.profile, "rows": rows, "out": str(args.out)}
+
+
+def cmd_bench(args) -> dict:
+    """The SLMQuant matrix: models x methods x bits x tracks, resumable (slmquant.bench)."""
+    from .bench import parse_cells, parse_tracks
+    from .methods import all_methods
+    from .tasks import TASKS
+    from .models import resolve
+    models = list(dict.fromkeys(m.strip() for m in (args.models or "smollm2-135m").split(",") if m.strip()))
+    for m in models:
+        resolve(m)                                     # an unknown model fails here, before any load
+    methods = _choices(args.methods, list(all_methods()), "method")
+    bits = _choices(args.bits, ["w8a8", "w4a8"], "bits", allowed=("w8a8", "w4a8", "w4a16"))
+    tracks = parse_tracks(args.tracks)
+    cells = parse_cells(args.cells) if args.cells else None
+    tasks = None if args.tasks is None else tuple(() if args.tasks == "none" else
+                                                  _choices(args.tasks, list(TASKS), "task"))
+    return _finish(args, _bench(args, models, methods, bits, tracks, cells, tasks))
+
+
+def cmd_run(args) -> dict:
+    """The main job: the float model and every registered method at W8A8 and W4A8 on the bundled
+    default model, all three tracks and the three scores, the report rewritten after each cell.
+    Each cell's result is written as it finishes and reused on the next run, so an interrupted run
+    resumes."""
+    from .bench import TRACKS
+    from .methods import all_methods
+    methods = _choices(args.methods, list(all_methods()), "method")
+    bits = _choices(args.bits, ["w8a8", "w4a8"], "bits", allowed=("w8a8", "w4a8", "w4a16"))
+    return _finish(args, _bench(args, [args.model or "smollm2-135m"], methods, bits, TRACKS))
 
 
 def cmd_profile(args) -> dict:
     """Track 2 for one cell, side by side with the float model in the same process: the cell as a real
     low-bit model (integer weights, integer kernels), prefill and decode speed, peak memory, storage
     against the float16 checkpoint (tied weights once), MACs, slmq_infer (tokens/s and MACs variants)."""
-    import copy
-
-    from . import infer, real, scores
+    from . import real
     from .models import load_model
     if args.data_dir:
         os.environ["SLMQUANT_DATA"] = args.data_dir
     model, tok = load_model(args.model, device=_device(args.device))
     qmodel, record = _quantized(args, model, tok, args.method, args.bits)
-    rmodel = real.to_real(copy.deepcopy(qmodel), embeddings=args.embeddings)
-    del qmodel
-    ids = infer.fixed_input(tok).to(next(model.parameters()).device)
-    kw = dict(iters=args.iters, warmup=args.warmup, decode_tokens=args.decode_tokens)
-    # prefill timed interleaved (a slow spell of a shared machine hits both alike), then each alone
-    tps_float, tps_real = infer.prefill_side_by_side([model, rmodel], ids, args.iters, args.warmup)
-    t_float = infer.measure(model, ids, **kw, prefill_tok_s=tps_float).to_dict()
-    t_real = infer.measure(rmodel, ids, **kw, prefill_tok_s=tps_real).to_dict()
-    s_float, s_real = real.storage(model), real.storage(rmodel)
+    from .bench import track2
+    t2 = track2(model, qmodel, tok, args.embeddings, args.iters, args.warmup, args.decode_tokens)
     if args.save:
-        real.save_real(rmodel, tok, args.save, record)
-    result = {
-        "model": args.model, "source": model.slmquant_source.to_dict(), "cell": record["cell"],
-        "embeddings": args.embeddings, "kernels": real.kernel_paths(rmodel), "device": t_float["device"],
-        "settings": kw, "float": {**t_float, "storage": s_float}, "real": {**t_real, "storage": s_real},
-        "ratios": {"prefill_speedup": t_real["prefill_tok_s"] / t_float["prefill_tok_s"],
-                   "decode_speedup": t_real["decode_tok_s"] / t_float["decode_tok_s"],
-                   "memory": t_real["peak_mem_bytes"] / t_float["peak_mem_bytes"],
-                   "storage_vs_float16": s_real["bytes"] / s_float["bytes"],
-                   "storage_vs_float16_without_embeddings":
-                       s_real["bytes_without_embeddings"] / s_float["bytes_without_embeddings"]},
-        "slmq_infer": scores.slmq_infer((t_float["peak_mem_bytes"], t_real["peak_mem_bytes"]),
-                                        (t_float["prefill_tok_s"], t_real["prefill_tok_s"]),
-                                        (s_float["bytes"], s_real["bytes"])),
-        "slmq_infer_macs": scores.slmq_infer_macs((t_float["peak_mem_bytes"], t_real["peak_mem_bytes"]),
-                                                  (t_float["macs"]["total"], t_real["macs"]["total"]),
-                                                  (s_float["bytes"], s_real["bytes"])),
-        "quantization": record}
+        real.save_real(real.to_real(qmodel, embeddings=args.embeddings), tok, args.save, record)
+    result = {"model": args.model, "source": model.slmquant_source.to_dict(), "cell": record["cell"], **t2,
+              "quantization": record}
+    t_float, t_real = t2["float"], t2["real"]
+    s_real = t_real["storage"]
     if not args.json:
         r = result["ratios"]
         print(f"{record['cell']} ({args.embeddings} embeddings; kernels {result['kernels']}) on {result['device']}")
@@ -405,16 +390,30 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (e, qz, pf):
         q.add_argument("--set", action="append", metavar="KEY=VALUE", help="any field of the method's config")
         q.add_argument("--group-size", type=int, default=None)
-    for q in (e, qz, pf, sub.add_parser("run", parents=[common], help="the main job on the bundled default model")):
-        q.add_argument("--profile", choices=["quick", "paper", "smoke"], default="quick",
-                       help="quick (default): 40 windows, reduced calibration; smoke: 8 windows, the test "
-                            "suite's calibration, minutes; paper: every window, the papers' settings")
-        q.add_argument("--device", default="auto")
-    r = sub._name_parser_map["run"]
+    b = sub.add_parser("bench", parents=[common], help="the SLMQuant matrix: models x methods x bits x tracks")
+    b.add_argument("--models", default=None, help="comma-separated models (default: smollm2-135m)")
+    b.add_argument("--tracks", default=None, help="comma-separated tracks: 1 accuracy, 2 inference, 3 cost (default: all)")
+    b.add_argument("--cells", default=None, help="METHOD:BITS[:KEY=VALUE;...],... instead of --methods x --bits "
+                                                 "(ablations: gptq:w4a16:act_order=false)")
+    b.add_argument("--embeddings", choices=["float16", "int8"], default="float16",
+                   help="track 2: how the real model stores its embeddings (default float16)")
+    b.add_argument("--tasks", default=None, help="track 1's tasks, comma-separated, or 'none' for WikiText-2 "
+                                                 "only (default: the five of slmq_perf)")
+    r = sub.add_parser("run", parents=[common], help="the main job on the bundled default model: every method, W8A8 "
+                                                    "and W4A8, all three tracks")
     r.add_argument("--model", default=None)
-    r.add_argument("--out", default="results", help="folder for the results (default: results/)")
-    r.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
-    r.add_argument("--bits", default=None, help="comma-separated bits widths (default: w8a8,w4a8)")
+    for q in (e, qz, pf, r, b):
+        q.add_argument("--profile", choices=["quick", "paper", "smoke"], default="quick",
+                       help="quick (default): 40 windows, 120 items per task, reduced calibration; smoke: 4 "
+                            "windows, 20 items, the test suite's calibration, minutes; paper: every window and "
+                            "item, the papers' settings")
+        q.add_argument("--device", default="auto")
+    for q in (r, b):
+        q.add_argument("--out", default="results", help="folder for the results (default: results/)")
+        q.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
+        q.add_argument("--bits", default=None, help="comma-separated bits widths (default: w8a8,w4a8)")
+        q.add_argument("--task-items", default=None, help="items per task: N or 'all' (default: the profile's)")
+        q.add_argument("--force", action="store_true", help="measure every cell again, even when its result exists")
     rp = sub.add_parser("report", parents=[common], help="tables (Markdown, CSV) and plots of a run's results folder")
     rp.add_argument("folder", help="a folder written by `slmquant run`")
     rp.add_argument("--readme", default=None, help="also rewrite this README's generated results section")
@@ -430,24 +429,25 @@ def _paper_or_none() -> dict | None:
 
 
 def cmd_report(args) -> dict:
-    """Tables 1 and 4 of a run's results folder, with the paper's values beside ours, and plots."""
-    from .report import load_results, write_report
+    """Tables 1-4 and Figures 3-4 of a results folder, with the paper's values beside ours."""
+    from .report import load_groups, write_report
     folder = Path(args.folder)
     if not folder.is_dir():
         raise SlmquantError(f"{folder}: no such folder (write one with `slmquant run --out {folder}`)")
-    if not load_results(folder):
-        raise SlmquantError(f"{folder}: no results of `slmquant run` in it")
-    rep = write_report(folder, _paper_or_none())
+    if not load_groups(folder):
+        raise SlmquantError(f"{folder}: no results of `slmquant bench` or `slmquant run` in it")
+    reps = write_report(folder, _paper_or_none())
     if args.readme:
         from .report import update_readme
-        update_readme(Path(args.readme), rep, folder)
+        update_readme(Path(args.readme), reps, folder)
     if not args.json:
         print((folder / "report.md").read_text())
-    return {"folder": str(folder), "cells": [x["cell"] for x in rep["rows"]],
+    return {"folder": str(folder), "groups": [{"model": r["model"], "device_class": r["device_class"],
+                                               "cells": [x["cell"] for x in r["rows"]]} for r in reps],
             "files": sorted(p.name for p in folder.glob("*") if p.suffix in (".md", ".csv", ".png"))}
 
 
-COMMANDS = {"cache": cmd_cache, "models": cmd_models, "data": cmd_data, "eval": cmd_eval, "quantize": cmd_quantize, "run": cmd_run,
+COMMANDS = {"bench": cmd_bench, "cache": cmd_cache, "models": cmd_models, "data": cmd_data, "eval": cmd_eval, "quantize": cmd_quantize, "run": cmd_run,
             "profile": cmd_profile, "report": cmd_report}
 
 

@@ -36,10 +36,12 @@ PR_GATE_ITEMS = 120        # 150 items measured 314 s (RTN W8A8, fresh): over th
 
 # The smoke profile: 16 calibration windows of 512 tokens (8,192 tokens), OmniQuant 1 epoch,
 # SpinQuant 8 Cayley steps: the default tier's budget (tests/matrix.py DEFAULT). WikiText-2 on the
-# first SMOKE_WINDOWS windows of 2048 (16,376 predicted tokens); the report prints each ratio's
-# paired 95% interval, which this sample size leaves wide.
+# first SMOKE_WINDOWS windows of 2048 (8,188 predicted tokens); tasks and track 2 on small samples
+# (slmquant/bench.py TASK_ITEMS, TRACK2). Sized so that `slmquant run --profile smoke` finishes in
+# under 30 minutes on two cores from a cold cache (docs/run_timing.md); the report prints every
+# score's 95% interval, which these sample sizes leave wide.
 SMOKE = {"calib_samples": 16, "calib_seqlen": 512, "epochs": 1, "steps": 8}
-SMOKE_WINDOWS = 8
+SMOKE_WINDOWS = 4
 PROFILES = ("quick", "paper", "smoke")
 
 

@@ -1,13 +1,15 @@
-"""`slmquant report DIR`: the tables and plots of a results folder written by `slmquant run` (one JSON
-per cell: `float.json`, `<method>-<bits>.json`), in the layout of the SLMQuant paper's Tables 1 and 4,
-with the published values beside ours as ratios to each model's own float baseline.
+"""`slmquant report DIR`: the tables and plots of every result under DIR (written by `slmquant bench`
+or `slmquant run`: `<device class>/<model>/<cell>.json`), in the layout of the SLMQuant paper's Tables
+1-4 and Figures 3-4, with the published values beside ours as ratios to each model's own float baseline.
 
-Written into DIR: `report.md` (the tables), `track1.csv`, `track3.csv`, `ppl_ratio.png` (perplexity
-recovery per method x bits, ours beside the paper's) and `cost_vs_accuracy.png` (quantization time
-against perplexity ratio). `build_report` returns every number it tabulates or plots, so that a test
-can check them against the results it was given. A cell that is missing is a blank row entry, never
-an error: parts of a matrix run on different machines merge by copying their files into one folder
-(each keeps its device, shown per row).
+Written into DIR: `report.md` (per model and device class: track 1 with slmq_perf, track 2 with
+slmq_infer, track 3 with slmq_quant), `track1.csv`, `track2.csv`, `track3.csv`, and per model and
+device class the PNGs `<model>-<device class>-{ppl_ratio,scores,outliers,cost_vs_accuracy}.png`:
+perplexity recovery per method x bits beside the paper's, the three scores per cell (Figure 4), the
+float model's per-layer weight and activation outliers (Figure 3), quantization time against
+perplexity. `build_report` returns every number it tabulates or plots, so that a test can check
+them against the results it was given. A missing cell or score is a blank, never an error; results
+of different device classes are reported apart, never compared.
 
 Confidence intervals: perplexity over W scored windows, exp(mean NLL +- t s / sqrt(W)) from the
 spread s of the per-window mean NLL (t: Student's 95% quantile, W - 1 degrees of freedom); a task
@@ -75,6 +77,7 @@ def ratio_interval(nll: list[float], float_nll: list[float], tokens_per_window: 
 
 BITS_ORDER = ("w8a8", "w4a8", "w4a16")
 METHOD_ORDER = ("rtn", "gptq", "smoothquant", "omniquant", "spinquant")
+PERF_TASKS = ("mmlu", "arc_c", "arc_e", "piqa", "hellaswag")        # slmq_perf's datasets beside "wiki"
 
 
 def _order(row: dict) -> tuple:
@@ -88,10 +91,20 @@ def _paper_model(result: dict) -> str | None:
     return ref.split("/")[-1] or None
 
 
+def _accuracies(r: dict) -> dict[str, float]:
+    """The paper's column -> acc_norm of the tasks a result scored (mmlu_cloze stands for MMLU)."""
+    out = {}
+    for task, col in TASK_COLUMNS.items():
+        if task in r and col not in out:
+            out[col] = r[task]["acc_norm"]
+    return out
+
+
 def build_report(results: dict[str, dict], paper: dict | None) -> dict:
-    """Rows of Tables 1 (WikiText-2 and tasks) and 4 (quantization cost) per cell, and the plotted
+    """Rows of Tables 1-2 (WikiText-2, tasks, slmq_perf), 3 (inference cost, slmq_infer) and 4
+    (quantization cost, slmq_quant) per cell of one model on one device class, and the plotted
     values. paper: scores.paper_tables() or None."""
-    from .scores import slmq_quant
+    from .scores import slmq_perf, slmq_quant
     fl = results.get("float")
     rows = []
 
@@ -108,18 +121,35 @@ def build_report(results: dict[str, dict], paper: dict | None) -> dict:
                "ppl": w["ppl"], "ppl_ci": ppl_interval(w.get("window_nll", []), w["seqlen"] - 1),
                "ppl_ratio": w["ppl"] / ref["wikitext2"]["ppl"] if ref else None, "paper_ppl_ratio": None,
                "ppl_ratio_ci": ratio_interval(w.get("window_nll", []), ref["wikitext2"].get("window_nll", []),
-                                              w["seqlen"] - 1) if ref else None}
+                                              w["seqlen"] - 1) if ref else None,
+               "slmq_perf": None, "paper_slmq_perf": None, "slmq_infer": None, "slmq_infer_macs": None,
+               "paper_slmq_infer": None, "paper_slmq_quant": None}
         pm = _paper_model(r)
         ptab = ((paper or {}).get("track1") or {}).get(pm or "", {})
         pcell = ptab.get(f"{row['method']}/{row['bits']}")
         if pcell and "FP16" in ptab:
             row["paper_ppl_ratio"] = pcell["wiki"] / ptab["FP16"]["wiki"]
+            row["paper_slmq_perf"] = pcell.get("slmq_perf")
+        for key, col in (("track2", "paper_slmq_infer"), ("track3", "paper_slmq_quant")):
+            p = (((paper or {}).get(key) or {}).get(pm or "", {})).get(f"{row['method']}/{row['bits']}") or {}
+            row[col] = p.get(col.removeprefix("paper_"))
+        acc, facc = _accuracies(r), _accuracies(ref) if ref else {}
         for task, col in TASK_COLUMNS.items():
             if task in r and ref and task in ref:
                 se = r[task].get("acc_norm_stderr")
                 row[col] = r[task]["acc_norm"]
                 row[col + "_ci"] = Z95 * se if isinstance(se, (int, float)) else 0.0
-                row[col + "_ratio"] = r[task]["acc_norm"] / ref[task]["acc_norm"]
+                row[col + "_ratio"] = (r[task]["acc_norm"] / ref[task]["acc_norm"]) if ref[task]["acc_norm"] else None
+                row["n_items"] = r[task].get("n_items")
+        if ref and all(acc.get(c, 0) > 0 and facc.get(c, 0) > 0 for c in PERF_TASKS):   # else undefined: blank
+            row["slmq_perf"] = slmq_perf({**acc, "wiki": w["ppl"]}, {**facc, "wiki": ref["wikitext2"]["ppl"]})
+        inf = r.get("infer")
+        if inf:
+            row.update(prefill_speedup=inf["ratios"]["prefill_speedup"], decode_speedup=inf["ratios"]["decode_speedup"],
+                       memory_ratio=inf["ratios"]["memory"], storage_ratio=inf["ratios"]["storage_vs_float16"],
+                       macs_ratio=inf["real"]["macs"]["total"] / inf["float"]["macs"]["total"],
+                       storage_mib=inf["real"]["storage"]["bytes"] / 2**20,
+                       slmq_infer=inf["slmq_infer"], slmq_infer_macs=inf["slmq_infer_macs"])
         q = (r.get("quantization") or {}).get("cost") or {}
         row["quant_s"], row["quant_peak_bytes"] = q.get("wall_s"), q.get("peak_mem_bytes")
         rows.append(row)
@@ -136,49 +166,122 @@ def build_report(results: dict[str, dict], paper: dict | None) -> dict:
                 x["slmq_quant"] = scored.get(x["method"])
     plotted = {"ppl_ratio": {x["cell"]: (x["ppl_ratio"], x["paper_ppl_ratio"]) for x in rows},
                "cost_vs_accuracy": {x["cell"]: (x["quant_s"], x["ppl_ratio"]) for x in rows
-                                    if x["quant_s"] and x["ppl_ratio"] is not None}}
+                                    if x["quant_s"] and x["ppl_ratio"] is not None},
+               "scores": {x["cell"]: (x["slmq_perf"], x["slmq_infer"], x["slmq_quant"]) for x in rows
+                          if any(v is not None for v in (x["slmq_perf"], x["slmq_infer"], x["slmq_quant"]))},
+               "outliers": _outlier_series(fl) if fl else {}}
     model = fl["model"] if fl else (next(iter(results.values()))["model"] if results else None)
-    return {"model": model, "float": fl and {"ppl": fl["wikitext2"]["ppl"],
-                                             "ppl_ci": ppl_interval(fl["wikitext2"].get("window_nll", []),
-                                                                    fl["wikitext2"]["seqlen"] - 1)},
-            "paper_model": _paper_model(fl or {}), "rows": rows, "plotted": plotted}
+    any_r = fl or (next(iter(results.values())) if results else {})
+    float_acc = _accuracies(fl) if fl else {}
+    return {"model": model, "device_class": _device_class(any_r), "profile": any_r.get("profile"),
+            "machine": any_r.get("machine"),
+            "float": fl and {"ppl": fl["wikitext2"]["ppl"], "n_tokens": fl["wikitext2"].get("n_tokens"),
+                             "ppl_ci": ppl_interval(fl["wikitext2"].get("window_nll", []),
+                                                    fl["wikitext2"]["seqlen"] - 1), **float_acc},
+            "paper_model": _paper_model(any_r), "rows": rows, "plotted": plotted}
+
+
+def _outlier_series(fl: dict) -> dict:
+    """Per activation point and per weight kind, the per-layer statistic (lists over layers)."""
+    layers = (fl.get("outliers") or {}).get("layers") or []
+    if not layers:
+        return {}
+    return {"act_ratio": {p: [x["act_ratio"][p] for x in layers] for p in layers[0]["act_ratio"]},
+            "act_max": {p: [x["act_max"][p] for x in layers] for p in layers[0]["act_max"]},
+            "weight": {n: [x["weight"][n] for x in layers] for n in layers[0]["weight"]}}
+
+
+def _device_class(r: dict) -> str:
+    return r.get("device_class") or ("cpu" if str(r.get("device", "cpu")).startswith("cpu") else str(r.get("device")))
+
+
+def load_groups(folder: Path) -> dict[tuple[str, str], dict[str, dict]]:
+    """(device class, model) -> {cell name: result} for every result under `folder` (any depth: the
+    parts of a matrix run on several machines merge by copying their folders into one)."""
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for sub in sorted({p.parent for p in Path(folder).rglob("*.json")}):
+        for name, r in load_results(sub).items():
+            groups.setdefault((_device_class(r), r["model"]), {})[name] = r
+    return groups
 
 
 def _f(x, fmt: str = "{:.3f}") -> str:
     return "" if x is None else fmt.format(x)
 
 
-def markdown(rep: dict) -> str:
+def _ci(ci, fmt: str = "{:.3f}") -> str:
+    return f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else ""
+
+
+def plot_names(rep: dict) -> dict[str, str]:
+    """The PNG files of one group's report (one set per model and device class)."""
+    stem = f"{rep['model']}-{rep['device_class']}"
+    return {k: f"{stem}-{k}.png" for k in ("ppl_ratio", "scores", "outliers", "cost_vs_accuracy")}
+
+
+def markdown_group(rep: dict, level: int = 2, link: str = "") -> str:
+    """One model on one device class: Tables 1-4 in the paper's layout and the figures' links
+    (link: the folder the PNGs are in, relative to where the Markdown lives)."""
+    h = "#" * level
     fl = rep["float"]
-    out = [f"# slmquant report: {rep['model']}", "",
+    items = next((x["n_items"] for x in rep["rows"] if x.get("n_items")), None)
+    out = [f"{h} {rep['model']} on {rep['device_class']}, profile {rep['profile']}", "",
            f"Stand-in for {rep['paper_model'] or '?'}: the paper's values are shown as ratios to the paper "
            "model's own float baseline (its models and calibration split differ from these: compare the "
            "ratios, not the perplexities).", ""]
+    m = rep.get("machine")
+    if m:
+        out += [f"Measured with {m['threads']} torch thread(s), CPU capability {m['cpu_capability']}"
+                + (f", {m['cuda_device']}" if m.get("cuda_device") else "")
+                + f", torch {m['versions']['torch']}, transformers {m['versions']['transformers']}.", ""]
     if fl:
-        ci = fl["ppl_ci"]
-        out += [f"Float WikiText-2 perplexity: {fl['ppl']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), ""]
-    tasks = [c for c in ("mmlu", "arc_c", "arc_e", "piqa", "hellaswag") if any(c in x for x in rep["rows"])]
-    out += ["## Track 1: accuracy", "",
-            "| cell | WikiText-2 ppl [95% CI] | x float [95% CI, paired] | paper x float |" + "".join(f" {t} acc_norm |" for t in tasks),
-            "|---|---|---|---|" + "---|" * len(tasks)]
+        accs = ", ".join(f"{t} {fl[t]:.3f}" for t in PERF_TASKS if t in fl)
+        out += [f"Float: WikiText-2 perplexity {fl['ppl']:.3f}{_ci(fl['ppl_ci'])} over {fl['n_tokens']} tokens"
+                + (f"; acc_norm {accs} ({items} items per task)" if accs else "") + ".", ""]
+    tasks = [c for c in PERF_TASKS if any(c in x for x in rep["rows"])]
+    out += [f"{h}# Track 1: accuracy (the paper's Tables 1-2)", "",
+            "WikiText-2 perplexity with its 95% interval over windows, the ratio to float with its paired "
+            "95% interval, task acc_norm +- its 95% half-width, slmq_perf (the paper's beside it).", "",
+            "| cell | WikiText-2 ppl [95% CI] | x float [95% CI] | paper x float |"
+            + "".join(f" {t} |" for t in tasks) + " slmq_perf | paper |",
+            "|---|---|---|---|" + "---|" * len(tasks) + "---|---|"]
     for x in rep["rows"]:
-        ci = x["ppl_ci"]
-        cells = [x["cell"], _f(x["ppl"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""),
-                 _f(x["ppl_ratio"], "{:.4f}") + (f" [{x['ppl_ratio_ci'][0]:.4f}, {x['ppl_ratio_ci'][1]:.4f}]"
-                                                  if x["ppl_ratio_ci"] else ""),
+        cells = [x["cell"], _f(x["ppl"]) + _ci(x["ppl_ci"]), _f(x["ppl_ratio"], "{:.4f}") + _ci(x["ppl_ratio_ci"], "{:.4f}"),
                  _f(x["paper_ppl_ratio"], "{:.4f}")]
         cells += [(_f(x[t], "{:.3f}") + f" +- {x[t + '_ci']:.3f}") if t in x else "" for t in tasks]
+        cells += [_f(x["slmq_perf"], "{:.1f}"), _f(x["paper_slmq_perf"], "{:.1f}")]
         out.append("| " + " | ".join(cells) + " |")
-    out += ["", "## Track 3: quantization cost", "",
+    if any(x["slmq_infer"] is not None for x in rep["rows"]):
+        out += ["", f"{h}# Track 2: inference cost (the paper's Table 3)", "",
+                "The cell as a real low-bit model against the float model in the same process; ratios are "
+                "quantized / float. slmq_infer with tokens/s (ours) and with MACs (the paper's variant).", "",
+                "| cell | prefill x | decode x | peak memory x | storage MiB (x float16) | MACs x | slmq_infer | "
+                "slmq_infer (MACs) | paper |", "|---|---|---|---|---|---|---|---|---|"]
+        for x in rep["rows"]:
+            if x["slmq_infer"] is None:
+                continue
+            out.append(f"| {x['cell']} | {x['prefill_speedup']:.2f} | {x['decode_speedup']:.2f} | "
+                       f"{x['memory_ratio']:.3f} | {x['storage_mib']:.1f} ({x['storage_ratio']:.3f}) | "
+                       f"{x['macs_ratio']:.3f} | {x['slmq_infer']:.1f} | {x['slmq_infer_macs']:.1f} | "
+                       f"{_f(x['paper_slmq_infer'], '{:.1f}')} |")
+    out += ["", f"{h}# Track 3: quantization cost (the paper's Table 4)", "",
             f"slmq_quant over the paper's methods ({', '.join(PAPER_METHODS)}), per bits width, where all "
-            "three were quantized on the same device; RTN's near-zero cost would swamp the score.", "",
-            "| cell | device | time (s) | peak memory (MiB) | slmq_quant |", "|---|---|---|---|---|"]
+            "three were quantized on the same device; RTN's near-zero cost would swamp the score. A cell "
+            "read from the cache keeps the cost of its build.", "",
+            "| cell | device | time (s) | peak memory (MiB) | slmq_quant | paper |", "|---|---|---|---|---|---|"]
     for x in rep["rows"]:
         mib = x["quant_peak_bytes"] / 2**20 if x["quant_peak_bytes"] else None
         out.append(f"| {x['cell']} | {x['device'] or ''} | {_f(x['quant_s'], '{:.1f}')} | {_f(mib, '{:.0f}')} | "
-                   f"{_f(x.get('slmq_quant'), '{:.1f}')} |")
-    out += ["", "![perplexity ratio](ppl_ratio.png)", "", "![cost against accuracy](cost_vs_accuracy.png)", ""]
+                   f"{_f(x.get('slmq_quant'), '{:.1f}')} | {_f(x['paper_slmq_quant'], '{:.1f}')} |")
+    names = plot_names(rep)
+    figs = [("ppl_ratio", "perplexity above float"), ("scores", "the three scores (the paper's Figure 4)"),
+            ("outliers", "per-layer outliers (the paper's Figure 3)"), ("cost_vs_accuracy", "cost against accuracy")]
+    out += [""] + [f"![{alt}]({link}{names[k]})" for k, alt in figs if rep["drawn"].get(k)] + [""]
     return "\n".join(out)
+
+
+def markdown(reps: list[dict], link: str = "") -> str:
+    return "\n".join(["# slmquant report", ""] + [markdown_group(r, 2, link) for r in reps])
 
 
 def _csv(rows: list[dict], cols: list[str]) -> str:
@@ -190,61 +293,97 @@ def _csv(rows: list[dict], cols: list[str]) -> str:
     return buf.getvalue()
 
 
-def _plots(rep: dict, folder: Path) -> None:
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _bars_done(fig, ax, cells: list[str], ref: float, ylabel: str, title: str, path: Path) -> bool:
+    """The common finish of a bar chart over cells: a reference line, labels, legend, saved."""
+    ax.axhline(ref, color="black", lw=0.8, ls="--" if ref else "-")
+    ax.set_xticks(list(range(len(cells))), cells, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, path)
+    return True
+
+
+def _plots(rep: dict, folder: Path) -> dict[str, bool]:
+    """Draw one group's figures; returns which were drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    names, drawn, title = plot_names(rep), {}, f"{rep['model']} ({rep['device_class']})"
     pr = rep["plotted"]["ppl_ratio"]
-    names = list(pr)
-    pct = lambda r: 100 * (r - 1) if r is not None else 0.0           # noqa: E731
-    ci = {x["cell"]: x["ppl_ratio_ci"] for x in rep["rows"]}
-    err = [[max(0.0, pct(pr[n][0]) - pct(ci[n][0])) if ci[n] else 0 for n in names],
-           [max(0.0, pct(ci[n][1]) - pct(pr[n][0])) if ci[n] else 0 for n in names]]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
-    xs = range(len(names))
-    ax.bar([i - 0.2 for i in xs], [pct(pr[n][0]) for n in names], 0.4, yerr=err, capsize=3,
-           label="slmquant (vs its own float; 95% CI)")
-    ax.bar([i + 0.2 for i in xs], [pct(pr[n][1]) for n in names], 0.4, label="paper (vs its float)")
-    ax.axhline(0.0, color="black", lw=0.8)
-    ax.set_xticks(list(xs), names, rotation=30, ha="right")
-    ax.set_ylabel("WikiText-2 perplexity above float (%)")
-    ax.set_title(f"{rep['model']}: perplexity recovery per method and bits")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(folder / "ppl_ratio.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    if pr:
+        cells = list(pr)
+        pct = lambda r: 100 * (r - 1) if r is not None else 0.0           # noqa: E731
+        ci = {x["cell"]: x["ppl_ratio_ci"] for x in rep["rows"]}
+        err = [[max(0.0, pct(pr[n][0]) - pct(ci[n][0])) if ci[n] else 0 for n in cells],
+               [max(0.0, pct(ci[n][1]) - pct(pr[n][0])) if ci[n] else 0 for n in cells]]
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cells) + 2), 4))
+        xs = range(len(cells))
+        ax.bar([i - 0.2 for i in xs], [pct(pr[n][0]) for n in cells], 0.4, yerr=err, capsize=3,
+               label="slmquant (vs its own float; 95% CI)")
+        ax.bar([i + 0.2 for i in xs], [pct(pr[n][1]) for n in cells], 0.4, label="paper (vs its float)")
+        ax.set_yscale("symlog", linthresh=10)
+        drawn["ppl_ratio"] = _bars_done(fig, ax, cells, 0.0, "WikiText-2 perplexity above float (%)",
+                                        f"{title}: perplexity recovery per method and bits", folder / names["ppl_ratio"])
+    sc = rep["plotted"]["scores"]
+    if sc:
+        cells = list(sc)
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cells) + 2), 4))
+        for j, label in enumerate(("slmq_perf", "slmq_infer", "slmq_quant")):
+            ax.bar([i + (j - 1) * 0.27 for i in range(len(cells))], [sc[n][j] or 0.0 for n in cells], 0.27,
+                   label=label)
+        drawn["scores"] = _bars_done(fig, ax, cells, 100.0, "score (100 = float, or the costliest method)",
+                                     f"{title}: the three scores per cell (missing: not measured)", folder / names["scores"])
+    ol = rep["plotted"]["outliers"]
+    if ol:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        for ax, key, ylabel in ((axes[0], "act_ratio", "activation: max / median channel peak"),
+                                (axes[1], "act_max", "activation: largest |x|"),
+                                (axes[2], "weight", "weight: max |w| / RMS(w)")):
+            for name, ys in ol[key].items():
+                ax.plot(range(len(ys)), ys, marker=".", label=name)
+            ax.set_yscale("log")
+            ax.set_xlabel("decoder layer")
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{title}: per-layer outliers of the float model (calibration text)")
+        _save(fig, folder / names["outliers"])
+        drawn["outliers"] = True
     cv = rep["plotted"]["cost_vs_accuracy"]
-    if not cv:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for n, (t, r) in cv.items():
-        ax.scatter(t, r)
-        ax.annotate(n, (t, r), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("quantization wall time (s, log scale)")
-    ax.set_ylabel("WikiText-2 perplexity / float")
-    ax.set_title(f"{rep['model']}: quantization cost against accuracy")
-    fig.tight_layout()
-    with atomic_path(folder / "cost_vs_accuracy.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    if cv:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for n, (t, r) in cv.items():
+            ax.scatter(t, r)
+            ax.annotate(n, (t, r), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("quantization wall time (s, log scale)")
+        ax.set_ylabel("WikiText-2 perplexity / float")
+        ax.set_title(f"{title}: quantization cost against accuracy")
+        _save(fig, folder / names["cost_vs_accuracy"])
+        drawn["cost_vs_accuracy"] = True
+    return drawn
 
 
 README_BEGIN = "<!-- slmquant report: begin (generated by `slmquant report DIR --readme README.md`) -->"
 README_END = "<!-- slmquant report: end -->"
 
 
-def readme_section(rep: dict, folder_rel: str) -> str:
-    """The report as a README section: its tables under a level-3 heading, image links relative to
+def readme_section(reps: list[dict], folder_rel: str) -> str:
+    """The report as a README section: each group under a level-3 heading, image links relative to
     the README (folder_rel: the results folder, relative to the README's folder)."""
-    body = markdown(rep).split("\n", 2)[2]                     # without the level-1 title
-    body = body.replace("## Track", "### Track").replace("](ppl_ratio.png)", f"]({folder_rel}/ppl_ratio.png)")
-    body = body.replace("](cost_vs_accuracy.png)", f"]({folder_rel}/cost_vs_accuracy.png)")
-    return f"{README_BEGIN}\nResults of `{folder_rel}` ({rep['model']}):\n\n{body.strip()}\n{README_END}"
+    body = "\n".join(markdown_group(r, 3, f"{folder_rel}/") for r in reps)
+    return f"{README_BEGIN}\nResults of `{folder_rel}`:\n\n{body.strip()}\n{README_END}"
 
 
-def update_readme(readme: Path, rep: dict, folder: Path) -> bool:
+def update_readme(readme: Path, reps: list[dict], folder: Path) -> bool:
     """Replace the README's generated section with this report's; False when it was already equal."""
     import os
 
@@ -256,23 +395,40 @@ def update_readme(readme: Path, rep: dict, folder: Path) -> bool:
         raise SlmquantError(f"{readme}: no generated section (the lines {README_BEGIN!r} and {README_END!r})")
     rel = os.path.relpath(folder.resolve(), readme.resolve().parent)
     a, b = text.index(README_BEGIN), text.index(README_END) + len(README_END)
-    new = text[:a] + readme_section(rep, rel) + text[b:]
+    new = text[:a] + readme_section(reps, rel) + text[b:]
     if new == text:
         return False
     write_text_atomic(readme, new)
     return True
 
 
-def write_report(folder: Path | str, paper: dict | None = None) -> dict:
-    """Read a run folder's results and write report.md, the CSVs and the plots into it."""
+def build_all(folder: Path | str, paper: dict | None = None) -> list[dict]:
+    """One report per (model, device class) found under `folder`, the plotted values included
+    (`drawn` tells which figures have something to show)."""
+    reps = []
+    for (_, _), results in sorted(load_groups(Path(folder)).items()):
+        rep = build_report(results, paper)
+        p = rep["plotted"]
+        rep["drawn"] = {"ppl_ratio": bool(p["ppl_ratio"]), "scores": bool(p["scores"]),
+                        "outliers": bool(p["outliers"]), "cost_vs_accuracy": bool(p["cost_vs_accuracy"])}
+        reps.append(rep)
+    return reps
+
+
+def write_report(folder: Path | str, paper: dict | None = None) -> list[dict]:
+    """Read every result under `folder` and write report.md, the CSVs and the plots into it."""
     folder = Path(folder)
-    rep = build_report(load_results(folder), paper)
-    write_text_atomic(folder / "report.md", markdown(rep))
-    t1 = ["cell", "method", "bits", "device", "ppl", "ppl_ratio", "paper_ppl_ratio", "mmlu", "arc_c", "arc_e",
-          "piqa", "hellaswag"]
-    write_text_atomic(folder / "track1.csv", _csv(rep["rows"], t1))
-    write_text_atomic(folder / "track3.csv", _csv(rep["rows"], ["cell", "method", "bits", "device", "quant_s",
-                                                                "quant_peak_bytes", "slmq_quant"]))
-    if rep["rows"]:
+    reps = build_all(folder, paper)
+    for rep in reps:
         _plots(rep, folder)
-    return rep
+    write_text_atomic(folder / "report.md", markdown(reps))
+    rows = [{"model": r["model"], "device_class": r["device_class"], **x} for r in reps for x in r["rows"]]
+    head = ["model", "device_class", "cell", "method", "bits"]
+    write_text_atomic(folder / "track1.csv", _csv(rows, head + ["ppl", "ppl_ratio", "paper_ppl_ratio", *PERF_TASKS,
+                                                                "slmq_perf", "paper_slmq_perf"]))
+    write_text_atomic(folder / "track2.csv", _csv(rows, head + ["prefill_speedup", "decode_speedup", "memory_ratio",
+                                                                "storage_mib", "storage_ratio", "macs_ratio",
+                                                                "slmq_infer", "slmq_infer_macs", "paper_slmq_infer"]))
+    write_text_atomic(folder / "track3.csv", _csv(rows, head + ["device", "quant_s", "quant_peak_bytes",
+                                                                "slmq_quant", "paper_slmq_quant"]))
+    return reps

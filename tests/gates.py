@@ -199,7 +199,7 @@ def compare_or_skip(request, cell: Cell, doc: dict, baseline) -> None:
 
 
 # Quick-profile tier (first 40 windows of 2048; calibration 32 x 2048, GPTQ 128 x 512): RTN's
-# ppl_ratio measured with `scripts/quick_table.py`, keyed by (model, scheme, weight setting).
+# ppl_ratio measured with `scripts/quick_table.py` (now `slmquant bench --tracks 1 --tasks none`), keyed by (model, scheme, weight setting).
 # Ceilings: +1.5 points at W8, +6% at W4, as in the default tier. Models or settings not measured
 # yet have no entry: their cells fail with "no gate defined" until measured, rather than pass ungated.
 QUICK_RTN: dict[tuple[str, str, str], float] = {

@@ -29,6 +29,12 @@ def test_models_and_data_print_json_last():
     (["eval", "smollm2-135m", "--real"], "--real needs a quantized cell"),
     (["run", "--methods", "rtn,gptz"], "unknown method gptz: choose from"),
     (["run", "--bits", "w2a2"], "unknown bits w2a2: choose from w8a8, w4a8, w4a16"),
+    (["bench", "--models", "smollm2-135m,llama-7b"], "unknown model 'llama-7b'"),
+    (["bench", "--tracks", "1,4"], "--tracks takes a comma-separated subset of 1,2,3"),
+    (["bench", "--task-items", "some"], "--limit takes a number or 'all'"),
+    (["bench", "--cells", "gptq"], "--cells takes METHOD:BITS"),
+    (["bench", "--cells", "gptq:w4a16:dampp=0.1"], "dampp"),
+    (["bench", "--tasks", "squad"], "unknown task squad"),
 ])
 def test_errors_are_one_line_without_traceback(argv, needle, capsys):
     assert main(argv) == 2
@@ -83,45 +89,83 @@ def test_quantize_settings_and_errors(capsys, tmp_path):
         assert needle in capsys.readouterr().err
 
 
-def test_run_writes_resumable_results(monkeypatch, tmp_path, capsys):
-    from slmquant import evaluate, profiles
+@pytest.fixture
+def cheap_profile(monkeypatch):
+    """The quick profile shrunk to seconds a cell: 1 window, 2 items per task, 1 timed prefill."""
+    from slmquant import bench, evaluate, profiles
     monkeypatch.setattr(evaluate, "QUICK_WINDOWS", 1)
-    monkeypatch.setattr(profiles, "QUICK", {"calib_samples": 2, "calib_seqlen": 256, "epochs": 1,  # cheap
+    monkeypatch.setattr(profiles, "QUICK", {"calib_samples": 2, "calib_seqlen": 256, "epochs": 1,
                                             "steps": 1, "weights": "rtn"})
     monkeypatch.setattr(profiles, "QUICK_BY_METHOD", {})
-    sel = ["--methods", "rtn,gptq,smoothquant"]        # the others' cells cost minutes, and test nothing more here
+    monkeypatch.setitem(bench.TASK_ITEMS, "quick", 2)
+    monkeypatch.setitem(bench.TRACK2, "quick", {"iters": 1, "warmup": 1, "decode_tokens": 2})
+
+
+def test_run_writes_resumable_results(cheap_profile, monkeypatch, tmp_path, capsys):
+    from slmquant import profiles
+    sel = ["--methods", "rtn,gptq"]        # the others' cells cost minutes, and test nothing more here
     assert main(["run", "--out", str(tmp_path), "--json", *sel]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cells = [r["cell"] for r in res["rows"]]
-    assert cells == ["float", "rtn-w8a8", "rtn-w4a8", "gptq-w8a8", "gptq-w4a8", "smoothquant-w8a8", "smoothquant-w4a8"]
+    assert cells == ["float", "rtn-w8a8", "rtn-w4a8", "gptq-w8a8", "gptq-w4a8"]
+    folder = tmp_path / "cpu" / "smollm2-135m"
     report = (tmp_path / "report.md").read_text()              # rewritten after every cell
-    assert all(c in report for c in cells[1:]) and (tmp_path / "ppl_ratio.png").is_file()
+    assert all(c in report for c in cells[1:]) and (tmp_path / "smollm2-135m-cpu-scores.png").is_file()
     assert all(r["tokens"] == 2047 for r in res["rows"])
     ratios = {r["cell"]: r["ppl_ratio"] for r in res["rows"]}
     assert 1.0 < ratios["rtn-w8a8"] < ratios["rtn-w4a8"]
+    # all three tracks: five tasks, the real-model measurement, the build's cost; the float cell's outliers
+    saved = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+    for name, r in saved.items():
+        assert all(r[t]["n_items"] == 2 for t in ("mmlu_cloze", "arc_challenge", "arc_easy", "piqa", "hellaswag"))
+        assert r["tracks_done"] == ([1] if name == "float" else [1, 2, 3]) and r["schema"] == 1
+        assert r["machine"]["threads"] >= 1 and r["machine"]["versions"]["torch"]
+    assert saved["rtn-w4a8"]["infer"]["ratios"]["storage_vs_float16"] < saved["rtn-w8a8"]["infer"]["ratios"]["storage_vs_float16"] < 1
+    assert saved["gptq-w8a8"]["quantization"]["cost"]["wall_s"] > 0
+    assert len(saved["float"]["outliers"]["layers"]) == 30
     # resumes: a second run reads every cell back instead of evaluating it again
-    stamp = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")}
+    stamp = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")}
     assert main(["run", "--out", str(tmp_path), *sel]) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")} == stamp
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")} == stamp
     assert "rtn-w4a8" in capsys.readouterr().out
-    # a result of another setting or quantizer version, or a torn file, is evaluated again
-    stale = json.loads((tmp_path / "gptq-w4a8.json").read_text())
-    stale["run_identity"] = stale["run_identity"][:-4] + "beef"
+    # a result of another setting or quantizer version, or a torn file (a run killed while writing),
+    # is evaluated again; a result missing a track gets only that track
+    stale = json.loads((folder / "gptq-w4a8.json").read_text())
+    stale["identity"] = stale["identity"][:-4] + "beef"
     stale["wikitext2"]["ppl"] = 1.0
-    (tmp_path / "gptq-w4a8.json").write_text(json.dumps(stale))
-    (tmp_path / "rtn-w8a8.json").write_text('{"model": ')
+    (folder / "gptq-w4a8.json").write_text(json.dumps(stale))
+    (folder / "rtn-w8a8.json").write_text('{"model": ')
+    part = json.loads((folder / "rtn-w4a8.json").read_text())
+    part["tracks_done"], infer = [1, 3], part.pop("infer")
+    (folder / "rtn-w4a8.json").write_text(json.dumps(part))
     assert main(["run", "--out", str(tmp_path), "--json", *sel]) == 0
     rows = {r["cell"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
     assert rows["gptq-w4a8"]["wikitext2_ppl"] == res["rows"][cells.index("gptq-w4a8")]["wikitext2_ppl"]
     assert rows["rtn-w8a8"]["wikitext2_ppl"] == res["rows"][cells.index("rtn-w8a8")]["wikitext2_ppl"]
-    changed = {p.name for p in tmp_path.glob("*.json") if p.stat().st_mtime_ns != stamp[p.name]}
-    assert changed == {"gptq-w4a8.json", "rtn-w8a8.json"}
-    # another calibration budget is another cell: the calibrated methods' results are not reused
-    from slmquant.cli import _run_identity
-    before = {m: _run_identity("smollm2-135m", m, "w8a8", "quick") for m in ("none", "rtn", "gptq", "smoothquant")}
+    again = json.loads((folder / "rtn-w4a8.json").read_text())
+    assert again["tracks_done"] == [1, 2, 3] and again["infer"]["real"]["storage"] == infer["real"]["storage"]
+    assert again["wikitext2"] == part["wikitext2"]
+    changed = {p.name for p in folder.glob("*.json") if p.stat().st_mtime_ns != stamp[p.name]}
+    assert changed == {"gptq-w4a8.json", "rtn-w8a8.json", "rtn-w4a8.json"}
+    # another calibration budget is another cell: the calibrated method's results are not reused
+    from slmquant.bench import Spec, identity
+    before = {m: identity(Spec("smollm2-135m", m, "w8a8"), "quick", 2) for m in ("none", "rtn", "gptq")}
     monkeypatch.setattr(profiles, "QUICK", {"calib_samples": 3, "calib_seqlen": 256})
-    after = {m: _run_identity("smollm2-135m", m, "w8a8", "quick") for m in before}
-    assert [m for m in before if before[m] != after[m]] == ["gptq", "smoothquant"]
+    after = {m: identity(Spec("smollm2-135m", m, "w8a8"), "quick", 2) for m in before}
+    assert [m for m in before if before[m] != after[m]] == ["gptq"]
+
+
+def test_bench_selects_tracks_and_adds_a_track_later(cheap_profile, tmp_path, capsys):
+    argv = ["bench", "--out", str(tmp_path), "--methods", "rtn", "--bits", "w8a8", "--json"]
+    assert main([*argv, "--tracks", "3"]) == 0                  # the build's cost only
+    capsys.readouterr()
+    r = json.loads((tmp_path / "cpu" / "smollm2-135m" / "rtn-w8a8.json").read_text())
+    assert r["tracks_done"] == [3] and "wikitext2" not in r and "infer" not in r and r["quantization"]["cost"]
+    assert main([*argv, "--tracks", "2,3"]) == 0
+    err = capsys.readouterr().err
+    assert "tracks 2" in err and "estimated" in err              # the plan, printed before the work
+    r = json.loads((tmp_path / "cpu" / "smollm2-135m" / "rtn-w8a8.json").read_text())
+    assert r["tracks_done"] == [2, 3] and r["infer"]["slmq_infer"] > 100
 
 
 def test_cache_command_reports_and_prunes(monkeypatch, tmp_path, capsys):

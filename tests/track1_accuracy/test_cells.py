@@ -28,7 +28,7 @@ def test_cell_gate(cell, gate_metrics, float_models, baseline, request):
 @pytest.mark.parametrize("cell", cases(QUICK))
 def test_cell_quick_profile(cell, float_models, quantized, baseline, request):
     """Whole bundled models on the quick profile's 40 windows of 2048 tokens. The float and cell
-    perplexities go through the measurement cache that `scripts/quick_table.py` and the CLI share
+    perplexities go through the measurement cache that `slmquant bench` and the CLI share
     (keyed by the cell's code and settings, the windows and the scoring code): a nightly rerun with
     unchanged code only rereads them."""
     from slmquant import evaluate
