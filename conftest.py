@@ -28,7 +28,13 @@ def _cores() -> int:
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 THREADS = int(os.environ.get("SLMQUANT_THREADS") or max(1, _cores() // WORKERS))
 torch.set_num_threads(THREADS)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Devices: one GPU per xdist worker (`pytest -n <number of GPUs> -m gpu` on a multi-GPU runner), the
+# baseline folder named after the GPU (tests/baseline.py device_class); the CPU otherwise.
+from tests.baseline import worker_device  # noqa: E402
+
+DEVICE = worker_device(os.environ.get("PYTEST_XDIST_WORKER"), torch.cuda.device_count() if torch.cuda.is_available() else 0)
+if DEVICE.startswith("cuda"):
+    torch.cuda.set_device(torch.device(DEVICE))
 
 try:                                            # property tests: the same examples on every CI run
     from hypothesis import settings as _hsettings

@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (e, qz, pf, r, b):
         q.add_argument("--profile", choices=["quick", "paper", "smoke"], default="quick",
                        help="quick (default): 40 windows, 120 items per task, reduced calibration; smoke: 4 "
-                            "windows, 20 items, the test suite's calibration, minutes; paper: every window and "
+                            "windows, 15 items, the test suite's calibration, minutes; paper: every window and "
                             "item, the papers' settings")
         q.add_argument("--device", default="auto")
     for q in (r, b):

@@ -111,13 +111,14 @@ def _sync(device: str) -> None:
 def prefill_side_by_side(models: list[nn.Module], ids: torch.Tensor, iters: int = ITERS,
                          warmup: int = WARMUP, rounds: int = 10) -> list[float]:
     """Prefill tokens/s of several models, interleaved: after `warmup` passes of each, `rounds`
-    rounds each time iters / rounds passes of every model in turn (the order alternating), so that
-    a slow spell of a shared machine (CPU steal, another process) falls on every model alike and
+    rounds (at most `iters`) each time iters / rounds passes of every model in turn (the order
+    alternating), so that a slow spell of a shared machine (CPU steal, another process) falls on every model alike and
     their ratio stays meaningful."""
     device = str(ids.device)
     for m in models:
         for _ in range(warmup):
             m(ids)
+    rounds = max(1, min(rounds, iters))
     per = max(1, iters // rounds)
     seconds = [0.0] * len(models)
     for r in range(rounds):

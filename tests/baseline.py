@@ -40,6 +40,15 @@ TOL: dict[str, tuple[str, float]] = {
 REL_DEFAULT = 1e-3
 
 
+def worker_device(worker: str | None, n_gpus: int) -> str:
+    """The device of an xdist worker: `cpu` without a GPU, else one GPU per worker (`gw0` -> cuda:0,
+    `gw1` -> cuda:1, ..., wrapping around when there are more workers than GPUs)."""
+    if n_gpus < 1:
+        return "cpu"
+    idx = int(worker[2:]) if worker and worker.startswith("gw") and worker[2:].isdigit() else 0
+    return f"cuda:{idx % n_gpus}"
+
+
 def device_class() -> str:
     override = os.environ.get("SLMQUANT_BASELINE_DEVICE")
     if override:

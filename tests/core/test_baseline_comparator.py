@@ -169,3 +169,10 @@ def test_a_device_class_without_baselines_fails_once():
     assert p.returncode == 1, p.stdout[-2000:]
     assert "1 passed, 1 skipped" in p.stdout and p.stdout.count("no baselines for this device class") == 1
     assert "pytest --snapshot-update" in p.stdout and "baselines/nvidia-h999-nothing-recorded/" in p.stdout
+
+
+def test_each_xdist_worker_gets_its_own_gpu():
+    from tests.baseline import worker_device
+    assert worker_device("gw0", 0) == worker_device(None, 0) == "cpu"
+    assert [worker_device(f"gw{i}", 4) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]
+    assert worker_device(None, 2) == worker_device("master", 2) == "cuda:0"
