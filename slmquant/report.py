@@ -302,14 +302,28 @@ def _save(fig, path: Path) -> None:
 
 
 def _bars_done(fig, ax, cells: list[str], ref: float, ylabel: str, title: str, path: Path) -> bool:
-    """The common finish of a bar chart over cells: a reference line, labels, legend, saved."""
+    """The common finish of a bar chart over cells: a reference line, each bar's value written on
+    it, labels, the legend outside the bars, saved."""
     ax.axhline(ref, color="black", lw=0.8, ls="--" if ref else "-")
+    for bars in ax.containers:
+        if hasattr(bars, "datavalues"):                      # a missing value (NaN) is no bar and no label
+            ax.bar_label(bars, labels=["" if v != v else f"{v:.3g}" for v in bars.datavalues], fontsize=6, padding=1)
     ax.set_xticks(list(range(len(cells))), cells, rotation=30, ha="right")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     _save(fig, path)
     return True
+
+
+def _symlog_ticks(ax, top: float) -> None:
+    """Readable ticks on a symlog percent axis (0, 1, 2, 5, 10, 20, 50, ... up to the top)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+    ticks = [t for t in (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+             if t <= max(top, 1) * 1.5]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(FixedLocator([]))
 
 
 def _plots(rep: dict, folder: Path) -> dict[str, bool]:
@@ -321,27 +335,31 @@ def _plots(rep: dict, folder: Path) -> dict[str, bool]:
     pr = rep["plotted"]["ppl_ratio"]
     if pr:
         cells = list(pr)
-        pct = lambda r: 100 * (r - 1) if r is not None else 0.0           # noqa: E731
+        pct = lambda r: 100 * (r - 1) if r is not None else math.nan      # noqa: E731
         ci = {x["cell"]: x["ppl_ratio_ci"] for x in rep["rows"]}
-        err = [[max(0.0, pct(pr[n][0]) - pct(ci[n][0])) if ci[n] else 0 for n in cells],
-               [max(0.0, pct(ci[n][1]) - pct(pr[n][0])) if ci[n] else 0 for n in cells]]
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cells) + 2), 4))
+        err = [[max(0.0, pct(pr[n][0]) - pct(ci[n][0])) if ci[n] and pr[n][0] is not None else 0 for n in cells],
+               [max(0.0, pct(ci[n][1]) - pct(pr[n][0])) if ci[n] and pr[n][0] is not None else 0 for n in cells]]
+        fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(cells) + 4), 4.5))
         xs = range(len(cells))
-        ax.bar([i - 0.2 for i in xs], [pct(pr[n][0]) for n in cells], 0.4, yerr=err, capsize=3,
-               label="slmquant (vs its own float; 95% CI)")
-        ax.bar([i + 0.2 for i in xs], [pct(pr[n][1]) for n in cells], 0.4, label="paper (vs its float)")
+        ours, theirs = [pct(pr[n][0]) for n in cells], [pct(pr[n][1]) for n in cells]
+        ax.bar([i - 0.2 for i in xs], ours, 0.4, yerr=err, capsize=3, label="slmquant, vs its own\nfloat (95% CI)")
+        ax.bar([i + 0.2 for i in xs], theirs, 0.4, label="paper, vs its float\n(none: not published)")
         ax.set_yscale("symlog", linthresh=10)
-        drawn["ppl_ratio"] = _bars_done(fig, ax, cells, 0.0, "WikiText-2 perplexity above float (%)",
-                                        f"{title}: perplexity recovery per method and bits", folder / names["ppl_ratio"])
+        _symlog_ticks(ax, max([v for v in ours + theirs if v == v] + [1.0]))
+        drawn["ppl_ratio"] = _bars_done(fig, ax, cells, 0.0, "WikiText-2 perplexity above float (%, symlog)",
+                                        f"{title}: perplexity above float per method and bits", folder / names["ppl_ratio"])
     sc = rep["plotted"]["scores"]
     if sc:
         cells = list(sc)
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cells) + 2), 4))
+        fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(cells) + 4), 4.5))
         for j, label in enumerate(("slmq_perf", "slmq_infer", "slmq_quant")):
-            ax.bar([i + (j - 1) * 0.27 for i in range(len(cells))], [sc[n][j] or 0.0 for n in cells], 0.27,
+            ax.bar([i + (j - 1) * 0.27 for i in range(len(cells))],
+                   [math.nan if sc[n][j] is None else sc[n][j] for n in cells], 0.27,
                    label=label)
-        drawn["scores"] = _bars_done(fig, ax, cells, 100.0, "score (100 = float, or the costliest method)",
-                                     f"{title}: the three scores per cell (missing: not measured)", folder / names["scores"])
+        ax.set_xlabel("a missing bar: not measured (slmq_quant: only where the paper's three methods were)",
+                      fontsize=8)
+        drawn["scores"] = _bars_done(fig, ax, cells, 100.0, "score (100: as float / the costliest)",
+                                     f"{title}: the three scores per cell (the paper's Figure 4)", folder / names["scores"])
     ol = rep["plotted"]["outliers"]
     if ol:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -364,6 +382,9 @@ def _plots(rep: dict, folder: Path) -> dict[str, bool]:
             ax.scatter(t, r)
             ax.annotate(n, (t, r), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("quantization wall time (s, log scale)")
         ax.set_ylabel("WikiText-2 perplexity / float")
         ax.set_title(f"{title}: quantization cost against accuracy")
