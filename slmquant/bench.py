@@ -21,7 +21,7 @@ splits across machines by selecting models, methods and bits; copying the parts'
 one merges them."""
 from __future__ import annotations
 
-import copy
+import hashlib
 import json
 import platform
 import sys
@@ -88,9 +88,11 @@ def parse_cells(given: str) -> list[tuple[str, str, tuple[tuple[str, str], ...]]
         if any("=" not in kv for kv in pairs):
             raise SlmquantError(f"--cells: settings are KEY=VALUE separated by ';', got {spec!r}")
         settings = tuple(sorted((k.strip(), v.strip()) for k, v in (kv.split("=", 1) for kv in pairs)))
+        if parts[1] not in BITS:
+            raise SlmquantError(f"--cells {spec!r}: bits {parts[1]!r}, choose from {', '.join(BITS)}")
         Spec("", parts[0], parts[1], settings).config("paper")
         out.append((parts[0], parts[1], settings))
-    return out
+    return list(dict.fromkeys(out))                       # a repeated cell once
 
 
 def plan(models: list[str], methods: list[str], bits: list[str],
@@ -116,7 +118,18 @@ def device_class(device: str) -> str:
     """The folder a device's results go to: `cpu`, or the CUDA device's name (`nvidia-h200`)."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device)).lower().replace(" ", "-")
+    if device != "cpu":
+        raise SlmquantError(f"device {device!r}: slmquant measures on 'cpu' or 'cuda[:N]'")
     return "cpu"
+
+
+def model_slug(model: str) -> str:
+    """A model spec as one folder or file name: an alias as it is, a Hub id `org/name` as
+    `org_name`, a local folder or `.gguf` file by its name."""
+    p = Path(model).expanduser()
+    if ("/" in model or model.endswith(".gguf")) and p.exists():
+        return p.name
+    return model.replace("/", "_").replace(":", "_")
 
 
 def machine() -> dict:
@@ -128,23 +141,32 @@ def machine() -> dict:
             "versions": _versions()}
 
 
+def _code(*modules) -> str:
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()[:12]
+
+
 def identity(spec: Spec, profile: str, task_items: int | None, tasks: tuple[str, ...] = (),
-             embeddings: str = "float16") -> str | None:
-    """What a saved result must match to be reused: the model's source, the profile, the cell's
-    cache key (every setting and the quantizer's code) and the sample sizes. None where the source
-    is only known after loading (a Hub id): such cells are always evaluated (the caches keep that
-    cheap)."""
+             embeddings: str = "float16") -> dict[str, str] | None:
+    """What a saved result must match to be reused, per track: the model's source, the profile and
+    the cell's cache key (every setting and the quantizer's code) for all; track 1 adds its sample
+    sizes and the scoring and task code; track 2 its timing settings, the embeddings' format and
+    the real-model code. None where the source is only known after loading (a Hub id): such cells
+    are always evaluated (the caches keep that cheap)."""
+    from . import evaluate, infer, outliers, real
+    from . import tasks as T
     from .cells import Cell
     from .models import resolve
     source = resolve(spec.model)[2]
     if source is None:
         return None
+    cell = "float" if spec.method == "none" else Cell(spec.model, spec.method, spec.config(profile)).key(source.key)
+    base = f"{source.key}:{profile}:schema={SCHEMA}:{cell}"
     t2 = TRACK2[profile]
-    tail = (f"{profile}:schema={SCHEMA}:items={task_items}:tasks={'+'.join(tasks)}"
-            f":t2={t2['iters']},{t2['decode_tokens']},{embeddings}")
-    if spec.method == "none":
-        return f"{source.key}:{tail}:float"
-    return f"{source.key}:{tail}:{Cell(spec.model, spec.method, spec.config(profile)).key(source.key)}"
+    return {"cell": base,
+            "1": (f"{base}:items={task_items}:tasks={'+'.join(sorted(tasks))}:{evaluate.scoring_code_hash()}"
+                  f":{T.code_hash()}:{T.lm_eval_version()}:{_code(outliers)}"),
+            "2": f"{base}:{t2['iters']},{t2['warmup']},{t2['decode_tokens']}:{embeddings}:{_code(infer, real)}",
+            "3": base}
 
 
 def read_result(path: Path) -> dict | None:
@@ -156,13 +178,20 @@ def read_result(path: Path) -> dict | None:
     return res if isinstance(res, dict) else None
 
 
-def todo(res: dict | None, want: str | None, spec: Spec, tracks: tuple[int, ...]) -> tuple[int, ...]:
-    """The tracks of a cell still to run, given its saved result (the float cell has track 1 only)."""
+def reusable(res: dict | None, want: dict | None) -> bool:
+    """A saved result of the same cell (its other tracks can be kept)."""
+    return (res is not None and want is not None and isinstance(res.get("identity"), dict)
+            and res["identity"].get("cell") == want["cell"])
+
+
+def todo(res: dict | None, want: dict | None, spec: Spec, tracks: tuple[int, ...]) -> tuple[int, ...]:
+    """The tracks of a cell still to run, given its saved result (the float cell has track 1 only):
+    those not done, or done under another identity (settings, sample sizes, code)."""
     tracks = tuple(t for t in tracks if not (spec.method == "none" and t in (2, 3)))
-    if res is None or want is None or res.get("identity") != want:
+    if not reusable(res, want):
         return tracks
     done = set(res.get("tracks_done", []))
-    return tuple(t for t in tracks if t not in done)
+    return tuple(t for t in tracks if t not in done or res["identity"].get(str(t)) != want[str(t)])
 
 
 def estimate_s(spec: Spec, tracks: tuple[int, ...], profile: str, task_items: int | None, cached: bool,
@@ -208,16 +237,18 @@ def outliers(model, tok, data_dir: str | None) -> dict:
     from .outliers import layer_outliers
     n, seqlen = OUTLIER_WINDOWS
     windows = data.calib_windows(tok, n, seqlen, seed=0, root=data.data_dir(data_dir))
-    return {"windows": n, "seqlen": seqlen, "split": "wikitext2 train (calibration windows, seed 0)",
+    return {"windows": n, "seqlen": seqlen, "split": "wikitext2 validation (the calibration windows, seed 0)",
             "layers": layer_outliers(model, windows)}
 
 
-def track2(model, qmodel, tok, embeddings: str, iters: int, warmup: int, decode_tokens: int) -> dict:
+def track2(model, qmodel, tok, embeddings: str, iters: int, warmup: int, decode_tokens: int) -> tuple[dict, object]:
     """The cell as a real low-bit model (integer weights and kernels) against the float model, in
     one process: prefill timed interleaved (a slow spell of a shared machine hits both alike), then
-    each alone for decode and peak memory; storage against the float16 checkpoint; MACs."""
+    each alone for decode and peak memory; storage against the float16 checkpoint; MACs. `qmodel`
+    is converted in place (only the float and the real model are in memory while measuring).
+    Returns (the measurements, the real model)."""
     from . import infer, real, scores
-    rmodel = real.to_real(copy.deepcopy(qmodel), embeddings=embeddings)
+    rmodel = real.to_real(qmodel, embeddings=embeddings)
     ids = infer.fixed_input(tok).to(next(model.parameters()).device)
     kw = dict(iters=iters, warmup=warmup, decode_tokens=decode_tokens)
     tps_float, tps_real = infer.prefill_side_by_side([model, rmodel], ids, iters, warmup)
@@ -238,8 +269,7 @@ def track2(model, qmodel, tok, embeddings: str, iters: int, warmup: int, decode_
            "slmq_infer_macs": scores.slmq_infer_macs((t_float["peak_mem_bytes"], t_real["peak_mem_bytes"]),
                                                      (t_float["macs"]["total"], t_real["macs"]["total"]),
                                                      (s_float["bytes"], s_real["bytes"]))}
-    del rmodel
-    return out
+    return out, rmodel
 
 
 def summary(res: dict) -> str:
@@ -280,8 +310,12 @@ def run_bench(models: list[str], methods: list[str], bits: list[str], tracks: tu
     items = TASK_ITEMS[profile] if task_items == -1 else task_items
     tasks = tuple(PR_GATE_TASKS) if tasks is None else tuple(tasks)
     specs = plan(models, methods, bits, cells)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SlmquantError(f"device {device!r}: CUDA is not available here")
+        torch.cuda.set_device(torch.device(device))         # peaks, syncs and cache keys read the current one
     dclass = device_class(device)
-    paths = {s: out / dclass / s.model / f"{s.name}.json" for s in specs}
+    paths = {s: out / dclass / model_slug(s.model) / f"{s.name}.json" for s in specs}
     for p in {p.parent for p in paths.values()}:
         p.mkdir(parents=True, exist_ok=True)
     wants = {s: identity(s, profile, items, tasks, embeddings) for s in specs}
@@ -294,7 +328,7 @@ def run_bench(models: list[str], methods: list[str], bits: list[str], tracks: tu
     for s in specs:
         src = resolve(s.model)[2]
         cached = s.method == "none" or (src is not None and cache.record(
-            Cell(s.model, s.method, s.config(profile)), src.key)) is not None
+            Cell(s.model, s.method, s.config(profile)), src.key) is not None)
         est = estimate_s(s, todos[s], profile, items, cached, n_windows, len(tasks)) if todos[s] else 0.0
         total += est
         state = ("done" if not todos[s] else f"tracks {','.join(map(str, todos[s]))}"
@@ -307,7 +341,9 @@ def run_bench(models: list[str], methods: list[str], bits: list[str], tracks: tu
     _note(f"  estimated {_clock(total)} on a 2-core CPU (docs/run_timing.md); on other machines, a guide only")
     results, loaded = [], {}
     for k, s in enumerate(specs, 1):
-        res = None if force else read_result(paths[s])
+        res = read_result(paths[s])
+        if not reusable(res, wants[s]):
+            res = None
         if not todos[s]:
             if res is None:                                      # the float cell on tracks 2-3 only
                 _note(f"[{k}/{len(specs)}] {s.model} {s.name}: nothing to measure on tracks "
@@ -316,13 +352,15 @@ def run_bench(models: list[str], methods: list[str], bits: list[str], tracks: tu
             results.append(res)
             _note(f"[{k}/{len(specs)}] {s.model} {s.name}: done earlier; {summary(res)}")
             continue
-        if res is None or res.get("identity") != wants[s] or force:
-            res = {"schema": SCHEMA, "identity": wants[s], "tracks_done": [], "model": s.model,
-                   "method": s.method, "bits": s.bits or "w16a16", "profile": profile}
+        if res is None:                                          # else keep its other tracks
+            res = {"schema": SCHEMA, "name": s.name, "identity": wants[s] or {}, "tracks_done": [],
+                   "model": s.model, "method": s.method, "bits": s.bits or "w16a16", "profile": profile}
+        res["tracks_done"] = [t for t in res["tracks_done"] if t not in todos[s]]
         _note(f"[{k}/{len(specs)}] {s.model} {s.name}: tracks {','.join(map(str, todos[s]))}")
         t0 = time.perf_counter()
         if s.model not in loaded:
             loaded.clear()                                       # one float model in memory at a time
+            model = tok = None
             torch.manual_seed(0)
             loaded[s.model] = load_model(s.model, device=device)
         model, tok = loaded[s.model]
@@ -330,6 +368,11 @@ def run_bench(models: list[str], methods: list[str], bits: list[str], tracks: tu
                    device_class=dclass, machine=machine(),
                    settings={"tasks": list(tasks), "task_items": items, "track2": TRACK2[profile],
                              "embeddings": embeddings})
+
+        def mark(t: int) -> None:                                # track t finished under today's identity
+            res["tracks_done"] = sorted(set(res["tracks_done"]) | {t})
+            res["identity"][str(t)] = (wants[s] or {}).get(str(t))
+            write_text_atomic(paths[s], json.dumps(res, indent=1, default=str))
         qmodel, model_key = model, float_key(model)
         if s.method != "none":
             cell = Cell(s.model, s.method, s.config(profile))
@@ -337,17 +380,18 @@ def run_bench(models: list[str], methods: list[str], bits: list[str], tracks: tu
             model_key = cell.key(model.slmquant_source.key)
             res.update(cell=record["cell"], cell_settings=record["settings"],
                        quantization={**record, "from_cache": not built, "key": model_key})
-            res["tracks_done"] = sorted(set(res["tracks_done"]) | {3})
+            mark(3)
         if 1 in todos[s]:
             track1(res, qmodel, tok, model_key, profile, items, force, data_dir, tasks)
+            write_text_atomic(paths[s], json.dumps(res, indent=1, default=str))   # kept if what follows fails
             if s.method == "none":
                 res["outliers"] = outliers(model, tok, data_dir)
-            res["tracks_done"] = sorted(set(res["tracks_done"]) | {1})
-            write_text_atomic(paths[s], json.dumps(res, indent=1, default=str))
+            mark(1)
         if 2 in todos[s] and s.method != "none":
             t2 = TRACK2[profile]
-            res["infer"] = track2(model, qmodel, tok, embeddings, t2["iters"], t2["warmup"], t2["decode_tokens"])
-            res["tracks_done"] = sorted(set(res["tracks_done"]) | {2})
+            res["infer"], qmodel = track2(model, qmodel, tok, embeddings, t2["iters"], t2["warmup"],
+                                          t2["decode_tokens"])
+            mark(2)
         res["elapsed_s"] = round(time.perf_counter() - t0, 2)
         write_text_atomic(paths[s], json.dumps(res, indent=1, default=str))
         del qmodel

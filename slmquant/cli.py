@@ -28,9 +28,17 @@ def _versions() -> dict:
 
 
 def _device(name: str) -> str:
+    """'auto' (CUDA where there is one), 'cpu' or 'cuda[:N]', checked before any model loads; a
+    CUDA device becomes the current one (peak memory, synchronisation and cache keys read it)."""
     import torch
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise SlmquantError(f"--device {name!r}: choose auto, cpu or cuda[:N]")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SlmquantError(f"--device {name}: CUDA is not available here")
+        torch.cuda.set_device(torch.device(name))
     return name
 
 
@@ -43,6 +51,19 @@ def _limit(value: str | None):
         return int(value)
     except ValueError:
         raise SlmquantError(f"--limit takes a number or 'all', got {value!r}") from None
+
+
+def _task_items(value: str) -> int | None:
+    """--task-items: a positive number of items per task, or 'all' (None)."""
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SlmquantError(f"--task-items takes a positive number or 'all', got {value!r}")
+    return n
 
 
 def _print_table(rows: list[dict], cols: list[str]) -> None:
@@ -244,6 +265,10 @@ def _bench(args, models: list[str], methods: list[str], bits: list[str], tracks:
     """Run a matrix through slmquant.bench, rewriting the report after every cell."""
     from .bench import run_bench
     from .report import write_report
+    items = -1 if args.task_items is None else _task_items(args.task_items)
+    device = _device(args.device)                                   # checked before anything is written
+    if args.data_dir:
+        os.environ["SLMQUANT_DATA"] = args.data_dir
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paper = _paper_or_none()
@@ -253,10 +278,7 @@ def _bench(args, models: list[str], methods: list[str], bits: list[str], tracks:
             write_report(out, paper)                               # the tables grow cell by cell
         except Exception as e:                                     # noqa: BLE001 -- never lose the run to its report
             print(f"slmquant: the report could not be written ({type(e).__name__}: {e})", file=sys.stderr)
-    if args.data_dir:
-        os.environ["SLMQUANT_DATA"] = args.data_dir
-    items = -1 if args.task_items is None else (None if args.task_items == "all" else _limit(args.task_items))
-    results = run_bench(models, methods, bits, tracks, args.profile, out, device=_device(args.device),
+    results = run_bench(models, methods, bits, tracks, args.profile, out, device=device,
                         force=args.force, task_items=items, data_dir=args.data_dir, after_cell=report,
                         cells=cells, tasks=tasks, embeddings=getattr(args, "embeddings", "float16"))
     report(None)
@@ -270,7 +292,7 @@ def _rows(results: list[dict]) -> list[dict]:
     for r in results:
         w, i = r.get("wikitext2") or {}, r.get("infer") or {}
         q = (r.get("quantization") or {}).get("cost") or {}
-        rows.append({"model": r["model"], "cell": "float" if r["method"] == "none" else f"{r['method']}-{r['bits']}",
+        rows.append({"model": r["model"], "cell": r.get("name") or ("float" if r["method"] == "none" else f"{r['method']}-{r['bits']}"),
                      "wikitext2_ppl": w.get("ppl"), "tokens": w.get("n_tokens"),
                      "ppl_ratio": w["ppl"] / fppl[r["model"]] if w and r["model"] in fppl else None,
                      "arc_e": (r.get("arc_easy") or {}).get("acc_norm"),
@@ -329,9 +351,9 @@ def cmd_profile(args) -> dict:
     model, tok = load_model(args.model, device=_device(args.device))
     qmodel, record = _quantized(args, model, tok, args.method, args.bits)
     from .bench import track2
-    t2 = track2(model, qmodel, tok, args.embeddings, args.iters, args.warmup, args.decode_tokens)
+    t2, rmodel = track2(model, qmodel, tok, args.embeddings, args.iters, args.warmup, args.decode_tokens)
     if args.save:
-        real.save_real(real.to_real(qmodel, embeddings=args.embeddings), tok, args.save, record)
+        real.save_real(rmodel, tok, args.save, record)
     result = {"model": args.model, "source": model.slmquant_source.to_dict(), "cell": record["cell"], **t2,
               "quantization": record}
     t_float, t_real = t2["float"], t2["real"]
@@ -413,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
         q.add_argument("--bits", default=None, help="comma-separated bits widths (default: w8a8,w4a8)")
         q.add_argument("--task-items", default=None, help="items per task: N or 'all' (default: the profile's)")
-        q.add_argument("--force", action="store_true", help="measure every cell again, even when its result exists")
+        q.add_argument("--force", action="store_true", help="measure the requested tracks of every cell again, even "
+                       "when its result exists (cells stay cached: track 3 keeps the cost of the cell's build)")
     rp = sub.add_parser("report", parents=[common], help="tables (Markdown, CSV) and plots of a run's results folder")
     rp.add_argument("folder", help="a folder written by `slmquant run`")
     rp.add_argument("--readme", default=None, help="also rewrite this README's generated results section")

@@ -88,7 +88,8 @@ class PeakMemory:
         gc.collect()                              # garbage freed mid-call would lower the peak's growth
         if not self.device.startswith("cuda"):
             _release_free_memory()
-        self.base = 0 if self.device.startswith("cuda") else rss()
+        # the start: on CUDA what is allocated (models resident before the call are not its growth)
+        self.base = torch.cuda.memory_allocated(torch.device(self.device)) if self.device.startswith("cuda") else rss()
         self.counter = reset_peak(self.device)
         if not self.counter:                      # no resettable counter: sample the resident set
             self.counter, self._max, self._stop = "sampled RSS (psutil)", self.base, threading.Event()

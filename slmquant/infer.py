@@ -151,10 +151,9 @@ def measure(model: nn.Module, ids: torch.Tensor, iters: int = ITERS, warmup: int
         elapsed = time.perf_counter() - t0
     if prefill_tok_s is None:
         prefill_tok_s = ids.shape[1] * n / elapsed
-    if device.startswith("cuda"):
-        peak, counter = cost.read_peak(device), mem.counter
-    else:
-        peak, counter = model_bytes(model) + mem.growth, f"model tensors + growth of the peak ({mem.counter})"
+    # the model's own tensors plus what the passes added, on either device: on CUDA the absolute
+    # peak would also count every other model held in memory (the float model beside a cell)
+    peak, counter = model_bytes(model) + mem.growth, f"model tensors + growth of the peak ({mem.counter})"
     decode_s = _decode_seconds(model, ids, decode_tokens)
     return Track2(device, ids.shape[1], prefill_tok_s, decode_tokens, decode_tokens / decode_s,
                   peak, counter, model_bytes(model), macs(model, ids))

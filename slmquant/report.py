@@ -39,16 +39,21 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def load_results(folder: Path) -> dict[str, dict]:
-    """name -> result for every readable cell JSON of a run folder (unreadable files are skipped)."""
+    """name -> result for every cell JSON of one folder written by `slmquant bench` (this result
+    schema); unreadable files (an interrupted write) and results of another schema are skipped."""
+    from .bench import SCHEMA
     out = {}
     for p in sorted(Path(folder).glob("*.json")):
         try:
             res = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        w = res.get("wikitext2") if isinstance(res, dict) else None
-        if isinstance(w, dict) and {"ppl", "seqlen"} <= set(w) and res.get("model") and res.get("bits"):
-            out[p.stem] = res
+        if not isinstance(res, dict) or res.get("schema") != SCHEMA or not res.get("model") or not res.get("bits"):
+            continue
+        w = res.get("wikitext2")
+        if w is not None and not (isinstance(w, dict) and {"ppl", "seqlen"} <= set(w)):
+            continue
+        out[p.stem] = res
     return out
 
 
@@ -91,12 +96,13 @@ def _paper_model(result: dict) -> str | None:
     return ref.split("/")[-1] or None
 
 
-def _accuracies(r: dict) -> dict[str, float]:
-    """The paper's column -> acc_norm of the tasks a result scored (mmlu_cloze stands for MMLU)."""
+def _paired_tasks(r: dict, ref: dict | None) -> dict[str, str]:
+    """The paper's column -> the task both results scored for it (mmlu_cloze before mmlu), so
+    that a cell is never compared with float on another form of the same benchmark."""
     out = {}
     for task, col in TASK_COLUMNS.items():
-        if task in r and col not in out:
-            out[col] = r[task]["acc_norm"]
+        if col not in out and task in r and ref is not None and task in ref:
+            out[col] = task
     return out
 
 
@@ -109,22 +115,23 @@ def build_report(results: dict[str, dict], paper: dict | None) -> dict:
     rows = []
 
     def comparable(r: dict) -> bool:                 # the same model, windows and profile as float
-        a, b = r["wikitext2"], fl["wikitext2"]
-        return (r["model"] == fl["model"] and r.get("profile") == fl.get("profile")
+        a, b = r.get("wikitext2"), fl.get("wikitext2")
+        return (a is not None and b is not None and r["model"] == fl["model"] and r.get("profile") == fl.get("profile")
                 and (a.get("windows"), a["seqlen"], a.get("n_windows")) == (b.get("windows"), b["seqlen"], b.get("n_windows")))
     for name, r in results.items():
         if name == "float":
             continue
-        w = r["wikitext2"]
+        w = r.get("wikitext2")
         ref = fl if fl and comparable(r) else None
+        default_cell = name == f"{r.get('method')}-{r.get('bits')}"      # not an ablation: the paper's row applies
         row = {"cell": name, "method": r.get("method"), "bits": r.get("bits"), "device": r.get("device"),
-               "ppl": w["ppl"], "ppl_ci": ppl_interval(w.get("window_nll", []), w["seqlen"] - 1),
+               "ppl": w["ppl"] if w else None, "ppl_ci": ppl_interval(w.get("window_nll", []), w["seqlen"] - 1) if w else None,
                "ppl_ratio": w["ppl"] / ref["wikitext2"]["ppl"] if ref else None, "paper_ppl_ratio": None,
                "ppl_ratio_ci": ratio_interval(w.get("window_nll", []), ref["wikitext2"].get("window_nll", []),
                                               w["seqlen"] - 1) if ref else None,
                "slmq_perf": None, "paper_slmq_perf": None, "slmq_infer": None, "slmq_infer_macs": None,
                "paper_slmq_infer": None, "paper_slmq_quant": None}
-        pm = _paper_model(r)
+        pm = _paper_model(r) if default_cell else None
         ptab = ((paper or {}).get("track1") or {}).get(pm or "", {})
         pcell = ptab.get(f"{row['method']}/{row['bits']}")
         if pcell and "FP16" in ptab:
@@ -133,14 +140,15 @@ def build_report(results: dict[str, dict], paper: dict | None) -> dict:
         for key, col in (("track2", "paper_slmq_infer"), ("track3", "paper_slmq_quant")):
             p = (((paper or {}).get(key) or {}).get(pm or "", {})).get(f"{row['method']}/{row['bits']}") or {}
             row[col] = p.get(col.removeprefix("paper_"))
-        acc, facc = _accuracies(r), _accuracies(ref) if ref else {}
-        for task, col in TASK_COLUMNS.items():
-            if task in r and ref and task in ref:
-                se = r[task].get("acc_norm_stderr")
-                row[col] = r[task]["acc_norm"]
-                row[col + "_ci"] = Z95 * se if isinstance(se, (int, float)) else 0.0
-                row[col + "_ratio"] = (r[task]["acc_norm"] / ref[task]["acc_norm"]) if ref[task]["acc_norm"] else None
-                row["n_items"] = r[task].get("n_items")
+        pairs = _paired_tasks(r, ref)
+        for col, task in pairs.items():
+            se = r[task].get("acc_norm_stderr")
+            row[col] = r[task]["acc_norm"]
+            row[col + "_ci"] = Z95 * se if isinstance(se, (int, float)) else 0.0
+            row[col + "_ratio"] = (r[task]["acc_norm"] / ref[task]["acc_norm"]) if ref[task]["acc_norm"] else None
+            row["n_items"] = r[task].get("n_items")
+        acc = {c: r[t]["acc_norm"] for c, t in pairs.items()}
+        facc = {c: ref[t]["acc_norm"] for c, t in pairs.items()}
         if ref and all(acc.get(c, 0) > 0 and facc.get(c, 0) > 0 for c in PERF_TASKS):   # else undefined: blank
             row["slmq_perf"] = slmq_perf({**acc, "wiki": w["ppl"]}, {**facc, "wiki": ref["wikitext2"]["ppl"]})
         inf = r.get("infer")
@@ -152,18 +160,24 @@ def build_report(results: dict[str, dict], paper: dict | None) -> dict:
                        slmq_infer=inf["slmq_infer"], slmq_infer_macs=inf["slmq_infer_macs"])
         q = (r.get("quantization") or {}).get("cost") or {}
         row["quant_s"], row["quant_peak_bytes"] = q.get("wall_s"), q.get("peak_mem_bytes")
+        m = r.get("machine") or {}
+        row["quant_where"] = (q.get("device") or r.get("device"), m.get("threads"), m.get("cpu_capability"),
+                              m.get("machine"), m.get("cuda_device"))
+        row["default_cell"] = default_cell
         rows.append(row)
     rows.sort(key=_order)
     # slmq_quant per bits width over the paper's three methods, where all three are present
+    # (default cells only: an ablation is not the method's row), built on one machine (the device,
+    # thread count, instruction set and GPU all alike: costs from two machines do not compare)
     for bits in sorted({x["bits"] for x in rows}):
-        group = [x for x in rows if x["bits"] == bits and x["method"] in PAPER_METHODS
+        group = [x for x in rows if x["bits"] == bits and x["method"] in PAPER_METHODS and x["default_cell"]
                  and x["quant_s"] and x["quant_peak_bytes"]]
         costs = {x["method"]: (x["quant_s"], x["quant_peak_bytes"]) for x in group}
-        same_device = len({x["device"] for x in group}) == 1
+        same_device = len({x["quant_where"] for x in group}) == 1
         scored = slmq_quant(costs) if len(costs) == len(PAPER_METHODS) and same_device else {}
         for x in rows:
             if x["bits"] == bits:
-                x["slmq_quant"] = scored.get(x["method"])
+                x["slmq_quant"] = scored.get(x["method"]) if x["default_cell"] else None
     plotted = {"ppl_ratio": {x["cell"]: (x["ppl_ratio"], x["paper_ppl_ratio"]) for x in rows},
                "cost_vs_accuracy": {x["cell"]: (x["quant_s"], x["ppl_ratio"]) for x in rows
                                     if x["quant_s"] and x["ppl_ratio"] is not None},
@@ -172,12 +186,12 @@ def build_report(results: dict[str, dict], paper: dict | None) -> dict:
                "outliers": _outlier_series(fl) if fl else {}}
     model = fl["model"] if fl else (next(iter(results.values()))["model"] if results else None)
     any_r = fl or (next(iter(results.values())) if results else {})
-    float_acc = _accuracies(fl) if fl else {}
+    float_acc = {c: fl[t]["acc_norm"] for c, t in _paired_tasks(fl, fl).items()} if fl else {}
     return {"model": model, "device_class": _device_class(any_r), "profile": any_r.get("profile"),
             "machine": any_r.get("machine"),
-            "float": fl and {"ppl": fl["wikitext2"]["ppl"], "n_tokens": fl["wikitext2"].get("n_tokens"),
-                             "ppl_ci": ppl_interval(fl["wikitext2"].get("window_nll", []),
-                                                    fl["wikitext2"]["seqlen"] - 1), **float_acc},
+            "float": fl and fl.get("wikitext2") and {
+                "ppl": fl["wikitext2"]["ppl"], "n_tokens": fl["wikitext2"].get("n_tokens"),
+                "ppl_ci": ppl_interval(fl["wikitext2"].get("window_nll", []), fl["wikitext2"]["seqlen"] - 1), **float_acc},
             "paper_model": _paper_model(any_r), "rows": rows, "plotted": plotted}
 
 
@@ -215,7 +229,8 @@ def _ci(ci, fmt: str = "{:.3f}") -> str:
 
 def plot_names(rep: dict) -> dict[str, str]:
     """The PNG files of one group's report (one set per model and device class)."""
-    stem = f"{rep['model']}-{rep['device_class']}"
+    from .bench import model_slug
+    stem = f"{model_slug(rep['model'])}-{rep['device_class']}"
     return {k: f"{stem}-{k}.png" for k in ("ppl_ratio", "scores", "outliers", "cost_vs_accuracy")}
 
 
@@ -231,9 +246,10 @@ def markdown_group(rep: dict, level: int = 2, link: str = "") -> str:
            "ratios, not the perplexities).", ""]
     m = rep.get("machine")
     if m:
-        out += [f"Measured with {m['threads']} torch thread(s), CPU capability {m['cpu_capability']}"
+        v = m.get("versions") or {}
+        out += [f"Measured with {m.get('threads')} torch thread(s), CPU capability {m.get('cpu_capability')}"
                 + (f", {m['cuda_device']}" if m.get("cuda_device") else "")
-                + f", torch {m['versions']['torch']}, transformers {m['versions']['transformers']}.", ""]
+                + f", torch {v.get('torch')}, transformers {v.get('transformers')}.", ""]
     if fl:
         accs = ", ".join(f"{t} {fl[t]:.3f}" for t in PERF_TASKS if t in fl)
         out += [f"Float: WikiText-2 perplexity {fl['ppl']:.3f}{_ci(fl['ppl_ci'])} over {fl['n_tokens']} tokens"
@@ -266,12 +282,12 @@ def markdown_group(rep: dict, level: int = 2, link: str = "") -> str:
                        f"{_f(x['paper_slmq_infer'], '{:.1f}')} |")
     out += ["", f"{h}# Track 3: quantization cost (the paper's Table 4)", "",
             f"slmq_quant over the paper's methods ({', '.join(PAPER_METHODS)}), per bits width, where all "
-            "three were quantized on the same device; RTN's near-zero cost would swamp the score. A cell "
-            "read from the cache keeps the cost of its build.", "",
-            "| cell | device | time (s) | peak memory (MiB) | slmq_quant | paper |", "|---|---|---|---|---|---|"]
+            "three were built on one machine (device, threads, instruction set); RTN's near-zero cost would "
+            "swamp the score. A cell read from the cache keeps the cost of its build.", "",
+            "| cell | built on | time (s) | peak memory (MiB) | slmq_quant | paper |", "|---|---|---|---|---|---|"]
     for x in rep["rows"]:
         mib = x["quant_peak_bytes"] / 2**20 if x["quant_peak_bytes"] else None
-        out.append(f"| {x['cell']} | {x['device'] or ''} | {_f(x['quant_s'], '{:.1f}')} | {_f(mib, '{:.0f}')} | "
+        out.append(f"| {x['cell']} | {x['quant_where'][0] or ''} | {_f(x['quant_s'], '{:.1f}')} | {_f(mib, '{:.0f}')} | "
                    f"{_f(x.get('slmq_quant'), '{:.1f}')} | {_f(x['paper_slmq_quant'], '{:.1f}')} |")
     names = plot_names(rep)
     figs = [("ppl_ratio", "perplexity above float"), ("scores", "the three scores (the paper's Figure 4)"),

@@ -20,8 +20,8 @@ TASKS = ("mmlu_cloze", "arc_challenge", "arc_easy", "piqa", "hellaswag")
 
 
 def _result(method, bits, nll, cost=None, acc=None, infer=None, model="smollm2-135m", device_class="cpu"):
-    r = {"model": model, "source": SOURCE, "method": method, "bits": bits, "device": "cpu", "profile": "smoke",
-         "device_class": device_class,
+    r = {"schema": 1, "model": model, "source": SOURCE, "method": method, "bits": bits, "device": "cpu",
+         "profile": "smoke", "device_class": device_class, "machine": {"threads": 2, "cpu_capability": "AVX512"},
          "wikitext2": {"ppl": math.exp(sum(nll) / (len(nll) * 2047)), "seqlen": 2048, "window_nll": nll,
                        "n_windows": len(nll), "windows": f"first:{len(nll)}", "n_tokens": 2047 * len(nll)}}
     if cost:
@@ -56,6 +56,8 @@ def run_folder(tmp_path):
     for name, r in cells.items():
         (folder / f"{name}.json").write_text(json.dumps(r))
     (folder / "gptq-w8a8.json").write_text('{"model": ')            # torn: skipped, not an error
+    old = {k: v for k, v in _result("gptq", "w4a8", [1.0, 1.0]).items() if k != "schema"}
+    (folder / "gptq-w4a8.json").write_text(json.dumps(old))           # another (older) schema: skipped
     fl = cells["float"]
     fl["outliers"] = {"layers": [{"layer": i, "weight": {"q_proj": 5.0 + i, "down_proj": 9.0 * (i + 1)},
                                   "act_ratio": {"attn_in": 3.0 + i, "down_in": 40.0 * (i + 1)},
@@ -149,12 +151,45 @@ def test_missing_cells_and_paper_leave_blanks(tmp_path):
     assert plot_names(rep)["outliers"] not in (tmp_path / "report.md").read_text()
 
 
-def test_cells_of_another_profile_or_model_are_not_compared_with_float(tmp_path):
+def test_cells_of_another_profile_or_windows_are_not_compared_with_float(tmp_path):
     fl = _result("none", "w16a16", [6000.0, 6200.0])
     other = {**_result("rtn", "w8a8", [6100.0, 6300.0]), "profile": "quick"}
     bigger = _result("gptq", "w8a8", [6100.0, 6300.0, 6200.0])
     rep = build_report({"float": fl, "rtn-w8a8": other, "gptq-w8a8": bigger}, None)
     assert all(x["ppl_ratio"] is None and x["ppl_ratio_ci"] is None for x in rep["rows"])
+
+
+def test_results_without_track_1_still_fill_tables_2_and_3():
+    """`slmquant bench --tracks 2,3`: no perplexity, yet the inference and cost rows are there."""
+    fl = _result("none", "w16a16", [6000.0, 6200.0])
+    only23 = {k: v for k, v in _result("rtn", "w8a8", [1.0], (2.0, 3e8), infer=(1.8, 0.6, 0.55, 180.0)).items()
+              if k != "wikitext2"}
+    row, = build_report({"float": fl, "rtn-w8a8": only23}, None)["rows"]
+    assert row["ppl"] is None and row["ppl_ratio"] is None and row["slmq_infer"] == 180.0 and row["quant_s"] == 2.0
+
+
+def test_slmq_quant_needs_the_three_default_cells_built_on_one_machine():
+    cells = {"float": _result("none", "w16a16", [6000.0, 6200.0]),
+             "smoothquant-w8a8": _result("smoothquant", "w8a8", [6050.0, 6250.0], (60.0, 5e8)),
+             "omniquant-w8a8": _result("omniquant", "w8a8", [6040.0, 6240.0], (600.0, 1.2e9)),
+             "spinquant-w8a8": _result("spinquant", "w8a8", [6020.0, 6220.0], (500.0, 3.3e9)),
+             "smoothquant-w8a8-alpha=0.8": _result("smoothquant", "w8a8", [6050.0, 6250.0], (6000.0, 9e9))}
+    rows = {x["cell"]: x for x in build_report(cells, PAPER)["rows"]}
+    assert rows["smoothquant-w8a8"]["slmq_quant"] == pytest.approx(100 * math.sqrt((10.0 ** 2 + 6.6 ** 2) / 2))
+    assert rows["smoothquant-w8a8-alpha=0.8"]["slmq_quant"] is None        # an ablation is not the method's row
+    assert rows["smoothquant-w8a8-alpha=0.8"]["paper_ppl_ratio"] is None and rows["smoothquant-w8a8"]["paper_ppl_ratio"]
+    cells["omniquant-w8a8"]["machine"] = {"threads": 64, "cpu_capability": "AVX512"}   # built elsewhere
+    rows = {x["cell"]: x for x in build_report(cells, PAPER)["rows"]}
+    assert all(rows[c]["slmq_quant"] is None for c in ("smoothquant-w8a8", "omniquant-w8a8", "spinquant-w8a8"))
+
+
+def test_mmlu_is_compared_in_one_form_only():
+    """A cell scored on mmlu_cloze is never divided by a float scored on lm-eval's letter form."""
+    fl = _result("none", "w16a16", [6000.0, 6200.0], acc=FLOAT_ACC)
+    fl["mmlu"] = fl.pop("mmlu_cloze")
+    q = _result("rtn", "w8a8", [6100.0, 6300.0], acc=(0.29, 0.27, 0.57, 0.64, 0.39))
+    row, = build_report({"float": fl, "rtn-w8a8": q}, None)["rows"]
+    assert "mmlu" not in row and row["slmq_perf"] is None and row["arc_e"] == 0.57
 
 
 def test_parts_of_a_matrix_merge_and_device_classes_stay_apart(run_folder):
@@ -213,7 +248,10 @@ def test_readme_results_section_is_the_report_of_the_committed_results():
     from slmquant.cli import _paper_or_none
     from slmquant.report import build_all, readme_section
     root = Path(__file__).resolve().parents[2]
-    reps = build_all(root / "docs" / "results", _paper_or_none())
+    paper = _paper_or_none()
+    if paper is None:
+        pytest.skip("the paper's tables (../shared/reference) are not here: the section shows them")
+    reps = build_all(root / "docs" / "results", paper)
     assert reps and all(r["float"] and r["rows"] for r in reps)
     assert readme_section(reps, "docs/results") in (root / "README.md").read_text()
 
