@@ -267,6 +267,12 @@ def _bench(args, models: list[str], methods: list[str], bits: list[str], tracks:
     from .report import write_report
     items = -1 if args.task_items is None else _task_items(args.task_items)
     device = _device(args.device)                                   # checked before anything is written
+    from . import data
+    root = data.data_dir(args.data_dir)                             # the data, before any model loads
+    missing = [rel for rel in data.CHECKSUMS if not (root / rel).is_file()]
+    if missing:
+        raise SlmquantError(f"{len(missing)} data file(s) missing in {root}, first: {missing[0]} "
+                            "(`slmquant data` checks every file)")
     if args.data_dir:
         os.environ["SLMQUANT_DATA"] = args.data_dir
     out = Path(args.out)

@@ -34,6 +34,7 @@ def test_models_and_data_print_json_last():
     (["bench", "--task-items", "some"], "--task-items takes a positive number or 'all'"),
     (["bench", "--task-items", "0"], "--task-items takes a positive number or 'all'"),
     (["bench", "--device", "mps"], "--device 'mps': choose auto, cpu or cuda[:N]"),
+    (["run", "--data-dir", "/nonexistent-slmquant-data"], "data file(s) missing in /nonexistent-slmquant-data"),
     (["bench", "--cells", "gptq"], "--cells takes METHOD:BITS"),
     (["bench", "--cells", "gptq:w4a16:dampp=0.1"], "dampp"),
     (["bench", "--tasks", "squad"], "unknown task squad"),
