@@ -114,13 +114,36 @@ def parse_tracks(given: str | None) -> tuple[int, ...]:
     return tuple(tracks)
 
 
+def resolve_device(name: str) -> str:
+    """'auto' (CUDA where there is one), 'cpu' or 'cuda[:N]', checked before any model loads; a
+    CUDA device becomes the current one (peak memory, synchronisation and cache keys read it)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise SlmquantError(f"--device {name!r}: choose auto, cpu or cuda[:N]")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SlmquantError(f"--device {name}: CUDA is not available here")
+        torch.cuda.set_device(torch.device(name))
+    return name
+
+
 def device_class(device: str) -> str:
     """The folder a device's results go to: `cpu`, or the CUDA device's name (`nvidia-h200`)."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device)).lower().replace(" ", "-")
-    if device != "cpu":
-        raise SlmquantError(f"device {device!r}: slmquant measures on 'cpu' or 'cuda[:N]'")
     return "cpu"
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "lm-eval", "torchao", "gguf", "slmquant"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def model_slug(model: str) -> str:
@@ -134,11 +157,10 @@ def model_slug(model: str) -> str:
 
 def machine() -> dict:
     """What moves a measurement besides the code: threads, instruction set, device, versions."""
-    from .cli import _versions
     return {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "machine": platform.machine(), "system": platform.system(),
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "versions": _versions()}
+            "versions": versions()}
 
 
 def _code(*modules) -> str:
@@ -199,7 +221,7 @@ def estimate_s(spec: Spec, tracks: tuple[int, ...], profile: str, task_items: in
     """Rough seconds for a cell on a 2-core CPU (the plan's estimate; docs/run_timing.md)."""
     f = QWEN_FACTOR if "qwen" in spec.model else 1.0
     s = 0.0
-    if spec.method != "none" and not cached and (set(tracks) & {1, 2, 3}):
+    if spec.method != "none" and not cached and tracks:
         s += BUILD_S[profile].get(spec.method, 300)
     if 1 in tracks:
         s += n_windows * WINDOW_S + n_tasks * (task_items or 2000) * ITEM_S
@@ -221,11 +243,11 @@ def track1(res: dict, model, tok, model_key: str, profile: str, task_items: int 
            data_dir: str | None, tasks: tuple[str, ...]) -> None:
     from . import data, evaluate
     from .measure import MeasureCache
-    from .profiles import SMOKE_WINDOWS
+    from .profiles import profile_windows
     from .tasks import PER_ITEM, TaskSettings
     tokens = evaluate.wikitext2_tokens(tok, "test", data.data_dir(data_dir))
-    limit = {"quick": evaluate.QUICK_WINDOWS, "smoke": SMOKE_WINDOWS}.get(profile)
-    res["wikitext2"] = MeasureCache().wikitext2(model_key, lambda: model, tokens, limit=limit, refresh=fresh)
+    res["wikitext2"] = MeasureCache().wikitext2(model_key, lambda: model, tokens, limit=profile_windows(profile),
+                                                refresh=fresh)
     got = MeasureCache().tasks(model_key, lambda: (model, tok), list(tasks),
                                TaskSettings(limit=task_items), refresh=fresh) if tasks else {}
     for t, r in got.items():
@@ -304,16 +326,12 @@ def run_bench(models: list[str], methods: list[str], bits: list[str], tracks: tu
     tasks: the multiple-choice tasks of track 1 (default: the five of slmq_perf; () for none)."""
     from .cells import Cell, CellCache
     from .measure import float_key
-    from .evaluate import QUICK_WINDOWS
     from .models import load_model, resolve
-    from .profiles import PR_GATE_TASKS, SMOKE_WINDOWS
+    from .profiles import PR_GATE_TASKS, profile_windows
     items = TASK_ITEMS[profile] if task_items == -1 else task_items
     tasks = tuple(PR_GATE_TASKS) if tasks is None else tuple(tasks)
     specs = plan(models, methods, bits, cells)
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SlmquantError(f"device {device!r}: CUDA is not available here")
-        torch.cuda.set_device(torch.device(device))         # peaks, syncs and cache keys read the current one
+    device = resolve_device(device)
     dclass = device_class(device)
     paths = {s: out / dclass / model_slug(s.model) / f"{s.name}.json" for s in specs}
     for p in {p.parent for p in paths.values()}:
@@ -321,7 +339,7 @@ def run_bench(models: list[str], methods: list[str], bits: list[str], tracks: tu
     wants = {s: identity(s, profile, items, tasks, embeddings) for s in specs}
     todos = {s: todo(None if force else read_result(paths[s]), wants[s], s, tracks) for s in specs}
     # the plan, with an estimate, before any model loads
-    n_windows = {"quick": QUICK_WINDOWS, "smoke": SMOKE_WINDOWS}.get(profile, 140)
+    n_windows = profile_windows(profile) or 140              # paper: every window, about 140 of 2048
     cache = CellCache()
     total = 0.0
     lines = []

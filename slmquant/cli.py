@@ -8,7 +8,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -16,30 +15,9 @@ from pathlib import Path
 from .errors import SlmquantError
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "lm-eval", "torchao", "gguf", "slmquant"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def _device(name: str) -> str:
-    """'auto' (CUDA where there is one), 'cpu' or 'cuda[:N]', checked before any model loads; a
-    CUDA device becomes the current one (peak memory, synchronisation and cache keys read it)."""
-    import torch
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and not name.startswith("cuda"):
-        raise SlmquantError(f"--device {name!r}: choose auto, cpu or cuda[:N]")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SlmquantError(f"--device {name}: CUDA is not available here")
-        torch.cuda.set_device(torch.device(name))
-    return name
+    from .bench import resolve_device
+    return resolve_device(name)
 
 
 
@@ -118,8 +96,8 @@ def _eval_wikitext2(model, tok, model_key: str, limit, profile, data_dir, fresh:
     root = data.data_dir(data_dir)
     tokens = evaluate.wikitext2_tokens(tok, "test", root)
     if limit is None:          # the profile decides: quick = the first 40 windows, smoke 4, paper = all
-        from .profiles import SMOKE_WINDOWS
-        limit, seed = {"quick": evaluate.QUICK_WINDOWS, "smoke": SMOKE_WINDOWS}.get(profile), None
+        from .profiles import profile_windows
+        limit, seed = profile_windows(profile), None
     else:                      # --limit N: a seeded sample of N windows; --limit all: every window
         seed = None if limit == "all" else 0
     return MeasureCache().wikitext2(model_key, lambda: model, tokens, limit=limit, sample_seed=seed,
@@ -153,6 +131,7 @@ def _quantized(args, model, tok, method: str, bits: str):
 
 def cmd_eval(args) -> dict:
     import torch
+    from .bench import versions
     from .measure import float_key
     from .models import load_model
     from .tasks import TASKS
@@ -172,7 +151,7 @@ def cmd_eval(args) -> dict:
     model_key = float_key(model)
     result = {"model": args.model, "source": model.slmquant_source.to_dict(), "method": "none",
               "bits": "w16a16", "profile": args.profile, "load_s": round(model.slmquant_load_s, 3),
-              "device": str(next(model.parameters()).device), "versions": _versions()}
+              "device": str(next(model.parameters()).device), "versions": versions()}
     if args.method not in (None, "none"):
         model, record = _quantized(args, model, tok, args.method, args.bits)
         model_key = record["key"]

@@ -45,6 +45,12 @@ SMOKE_WINDOWS = 4
 PROFILES = ("quick", "paper", "smoke")
 
 
+def profile_windows(profile: str) -> int | None:
+    """WikiText-2 windows a profile scores: the first N of 2048 tokens (quick, smoke), or None: all."""
+    from . import evaluate
+    return {"quick": evaluate.QUICK_WINDOWS, "smoke": SMOKE_WINDOWS}.get(profile)
+
+
 def profile_settings(method: str, profile: str) -> dict:
     if profile not in PROFILES:
         raise SlmquantError(f"profile {profile!r}: choose {', '.join(PROFILES)}")
