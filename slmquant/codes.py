@@ -53,12 +53,13 @@ def grid_of(W: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor, t
     scale = torch.where(~flat & integral(Wg, s), s, scale)
     todo = (scale == 0).squeeze(-1)
     if todo.any():
-        sub, sub_span, found = Wg[todo], span[todo], torch.zeros_like(span[todo])
+        sub, sub_span = Wg[todo], span[todo]
+        found = _from_smallest_gap(sub, sub_span, levels, integral)
         for k in range(1, levels + 1):
-            s = sub_span / k
-            found = torch.where((found == 0) & integral(sub, s), s, found)
             if (found > 0).all():
                 break
+            s = sub_span / k
+            found = torch.where((found == 0) & integral(sub, s), s, found)
         scale[todo] = found
     if (scale == 0).any():
         raise SlmquantError(f"{int((scale == 0).sum())} weight group(s) are not on a {spec} grid: "
@@ -72,6 +73,21 @@ def grid_of(W: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor, t
     if not torch.allclose(back, W.double(), rtol=0, atol=1e-6 * float(W.abs().max().clamp(min=1e-30))):
         raise SlmquantError(f"weights do not reproduce from the recovered {spec} grid")
     return u.reshape(W.shape).to(torch.uint8), scale.squeeze(-1).float(), zero.squeeze(-1).to(torch.int16)
+
+
+def _from_smallest_gap(Wg: torch.Tensor, span: torch.Tensor, levels: int, integral) -> torch.Tensor:
+    """The step of each group whose smallest gap between distinct values is one step: span / k0
+    with k0 = round(span / gap), where that k0 <= levels makes every value integral; 0 elsewhere.
+    No k < k0 can: its step exceeds the gap, which would then be a fraction of a step. So this is
+    the first k of grid_of's search, found without the search (which still runs for the rest)."""
+    v = Wg.sort(-1).values
+    gap = v.diff(dim=-1)
+    gap = torch.where(gap > span * 1e-6, gap, torch.full_like(gap, float("inf"))).amin(-1, keepdim=True)
+    k0 = (span / gap).round()
+    ok = torch.isfinite(gap) & (k0 >= 1) & (k0 <= levels)
+    k0 = torch.where(ok, k0, torch.ones_like(k0))
+    s = span / k0
+    return torch.where(ok & integral(Wg, s), s, torch.zeros_like(s))
 
 
 def pack4(u: torch.Tensor) -> torch.Tensor:

@@ -264,10 +264,12 @@ class FloatReference:
         """start: the first token of the windows (e.g. 40 x 2048 for windows held out from the quick
         profile's judged subset)."""
         self.tier, self.tokens = tier, evaluate.wikitext2_tokens(tok)[start:]
-        self.logprobs = {i: lg[0].log_softmax(-1).half() for i, _, lg in
-                         evaluate.window_logits(model, self.tokens, tier.seqlen, range(tier.windows))}
+        self.logprobs = {}                          # kept from the same forward pass as the perplexity
+
+        def keep(i, logits):
+            self.logprobs[i] = logits.log_softmax(-1).half()
         self.result = evaluate.perplexity(model, self.tokens, seqlen=tier.seqlen, limit=tier.windows,
-                                          progress=False)
+                                          progress=False, on_logits=keep)
 
     def score(self, model) -> dict:
         """KL(float || model) per position and the perplexity ratio, with their per-window sums."""
@@ -297,11 +299,11 @@ def private_rotation_cache(folder, copy_shared: bool):
 
 
 def gate_code_hash() -> str:
-    """What a cached gate score depends on beyond the scoring code: the float reference, its
-    scoring, and the window logits it is built from."""
+    """What a cached gate score depends on beyond the scoring code (which also yields the float
+    reference's logits): the float reference and its scoring."""
     import hashlib
     import inspect
-    src = inspect.getsource(FloatReference) + inspect.getsource(evaluate.window_logits)
+    src = inspect.getsource(FloatReference)
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 

@@ -30,7 +30,9 @@ class Tier:
 # minutes on two cores from a cold cache: GPTQ sym=False, SmoothQuant's alpha search (with RTN and
 # GPTQ weights), SpinQuant's no-learning control, and, moved there on 2026-12-02 (a cold run took
 # 36 min of pytest with them; each cost 200-250 s of one worker): GPTQ W4A16 with groups of 64,
-# SmoothQuant W8A8's alpha search, OmniQuant W4A16 (weight-only LWC, outside the paper's matrix).
+# SmoothQuant W8A8's alpha search, OmniQuant W4A16 (weight-only LWC, outside the paper's matrix),
+# and on the same grounds SpinQuant W4A16 on 2026-12-02 (its own rotations learned against 4-bit
+# RTN weights, then GPTQ: about 290 s of one worker; its GPTQ-replaced-by-RTN mutation now at W4A8).
 # Their measured spreads stay in tests/gates.py SPREAD and docs/gate_bands.md.
 # OmniQuant trains one epoch over the 16 windows (about 100 s a cell): on held-out windows its W4A8
 # damage is 0.72 of RTN's, against 0.84 with no training (docs/omniquant.md).
@@ -45,7 +47,7 @@ DEFAULT = Tier("default", ("smollm2-135m",), 512, 16,
                         ("smoothquant", "w8a8", {"alpha_search": True}),
                         ("smoothquant", "w4a8", {"alpha_search": True}),
                         ("smoothquant", "w4a8", {"alpha_search": True, "weights": "gptq"}),
-                        ("spinquant", "w4a8", {"learn": False})))
+                        ("spinquant", "w4a8", {"learn": False}), ("spinquant", "w4a16", {})))
 # Short windows for checks that hold several models' logits at once (track 2: real against fake).
 SHORT = Tier("short", DEFAULT.models, 256, 4, DEFAULT.calib, True)
 # Track 1 tasks on tiny random models (default tier): every suite row quantizes a 2-layer llama in

@@ -127,9 +127,9 @@ def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size
                     q = fake_quant(w[:, None], col_spec, *params)[:, 0]
                 Q[:, c] = q
                 err = (w - q) / d
-                loss += (w - q).pow(2).sum() / d**2 / 2
                 W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
                 Err1[:, i] = err
+            loss += Err1.double().pow(2).sum() / 2                      # (w - q)^2 / d^2 / 2, per block
             W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]                         # the lazy batch update
     inv = torch.argsort(perm)
     g_idx = None

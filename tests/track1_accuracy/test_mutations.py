@@ -152,7 +152,7 @@ MUTATIONS = [
              frozenset({"damage", "vs_rtn"}), "R1 and R2 never folded in, at 8 bits"),
     Mutation("no-online-hadamard", "spinquant", "w4a8", SPIN_CAL, _no_online_hadamard,
              frozenset({"damage", "vs_rtn"}), "R4 left out: down_proj reads its input unrotated"),
-    Mutation("rtn-weights", "spinquant", "w4a16", SPIN_CAL, _rtn_weights, frozenset({"damage", "vs_rtn"}),
+    Mutation("rtn-weights", "spinquant", "w4a8", SPIN_CAL, _rtn_weights, frozenset({"damage", "vs_rtn"}),
              "the GPTQ step silently replaced by round-to-nearest"),
 ]
 

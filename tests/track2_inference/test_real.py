@@ -47,6 +47,41 @@ def test_grid_is_recovered_exactly(case):
     assert torch.allclose(back, W, rtol=1e-6, atol=1e-7 * float(W.abs().max()))
 
 
+def _first_step(W: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """Reference for grid_of's step: per row or group, span / k for the quantizer's own k (its
+    extreme code used) where that fits, else for the first k in 1..2^bits - 1 that makes every value
+    an integer number of steps (tolerance as grid_of's), by plain search."""
+    rows = W.double().reshape(W.shape[0], -1, spec.group_size or W.shape[1]).flatten(0, 1)
+    out = []
+    for r in rows:
+        span = float(r.abs().max()) if spec.sym else float(r.max() - r.min())
+        if span == 0:
+            out.append(None)
+            continue
+        own = spec.qmax if spec.sym else 2 ** spec.bits - 1
+        k = next(k for k in (own, *range(1, 2 ** spec.bits)) if
+                 float(((r / (span / k)) - (r / (span / k)).round()).abs().max()) <= 1e-3)
+        out.append(span / k)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([4, 8]), st.booleans(), st.sampled_from([None, 8, 16]), st.sampled_from([1, 2, 3]),
+       st.integers(0, 2**31 - 1))
+def test_grid_step_is_the_coarsest_that_fits(bits, sym, group, every, seed):
+    """grid_of's shortcut (the step from the smallest gap between values) gives the plain search's
+    first step, also where the codes used are only every `every`-th level (a coarser grid fits)."""
+    spec = QSpec(bits, sym, "group" if group else "channel", group)
+    g = torch.Generator().manual_seed(seed)
+    top = (2 ** (bits - 1) - 1) // every
+    n = torch.randint(-top, top + 1, (4, 32), generator=g) * every       # integer steps, every k-th
+    W = (n * torch.rand(4, 1, generator=g).add(0.01)).float()
+    _, scale, _ = grid_of(W, spec)
+    for got, want in zip(scale.flatten().tolist(), _first_step(W, spec)):
+        if want is not None:
+            assert got == torch.tensor(want, dtype=torch.float32).item()     # scales are float32
+
+
 def test_weights_off_the_grid_are_refused():
     with pytest.raises(SlmquantError, match="not on a"):
         grid_of(torch.randn(4, 32), QSpec(4, True, "channel"))
