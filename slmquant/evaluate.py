@@ -78,13 +78,11 @@ def window_logits(model, tokens: torch.Tensor, seqlen: int, indices: list[int]):
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | str | None = None,
                sample_seed: int | None = None, batch_size: int = 1, progress: bool = True,
-               reference=None, on_logits=None) -> PPLResult:
+               reference=None) -> PPLResult:
     """Perplexity of `model` on `tokens` (1-D) cut into windows of `seqlen`.
 
     reference: optional callable(window index) -> float logits of a reference model on that window;
-    then the result's `extra` holds the logit SQNR (dB) and the mean KL(reference || model).
-    on_logits: optional callable(window index, float32 logits (T, V)) given each window's logits as
-    they are scored (to keep them as a reference without a second pass)."""
+    then the result's `extra` holds the logit SQNR (dB) and the mean KL(reference || model)."""
     n_total = tokens.numel() // seqlen
     if n_total == 0:
         raise SlmquantError(f"{tokens.numel()} tokens make no window of {seqlen}")
@@ -103,9 +101,6 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | s
         window_nll += per_window.tolist()
         nll += per_window.sum()
         count += ids[:, 1:].numel()
-        if on_logits is not None:
-            for j, i in enumerate(chunk):
-                on_logits(i, logits[j])
         if reference is not None:
             for j, i in enumerate(chunk):
                 ref = reference(i).to(logits.device)

@@ -255,6 +255,24 @@ def weight_setting(cell: Cell) -> str:
     return ("sym" if c.sym else "asym") + (f"-g{c.group_size}" if c.group_size else "")
 
 
+class _KeepLogProbs:
+    """A model as `evaluate.perplexity` calls it (one window at a time, in order) that also keeps
+    each window's next-token log-probabilities (float16)."""
+
+    def __init__(self, model):
+        self.model, self.logprobs = model, []
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, ids, **kw):
+        out = self.model(ids, **kw)
+        if ids.shape[0] != 1:
+            raise ValueError("one window at a time")
+        self.logprobs.append(out.logits[0].float().log_softmax(-1).half())
+        return out
+
+
 class FloatReference:
     """The float model's next-token log-probabilities on a tier's windows, computed once and kept
     (float16: 0.8 GB for 16 x 512 SmolLM2 positions; the rounding moves a cell's KL by under 0.1%,
@@ -264,12 +282,10 @@ class FloatReference:
         """start: the first token of the windows (e.g. 40 x 2048 for windows held out from the quick
         profile's judged subset)."""
         self.tier, self.tokens = tier, evaluate.wikitext2_tokens(tok)[start:]
-        self.logprobs = {}                          # kept from the same forward pass as the perplexity
-
-        def keep(i, logits):
-            self.logprobs[i] = logits.log_softmax(-1).half()
-        self.result = evaluate.perplexity(model, self.tokens, seqlen=tier.seqlen, limit=tier.windows,
-                                          progress=False, on_logits=keep)
+        keep = _KeepLogProbs(model)                 # from the same forward passes as the perplexity
+        self.result = evaluate.perplexity(keep, self.tokens, seqlen=tier.seqlen, limit=tier.windows,
+                                          progress=False)
+        self.logprobs = dict(enumerate(keep.logprobs))
 
     def score(self, model) -> dict:
         """KL(float || model) per position and the perplexity ratio, with their per-window sums."""
@@ -299,11 +315,11 @@ def private_rotation_cache(folder, copy_shared: bool):
 
 
 def gate_code_hash() -> str:
-    """What a cached gate score depends on beyond the scoring code (which also yields the float
-    reference's logits): the float reference and its scoring."""
+    """What a cached gate score depends on beyond the scoring code: the float reference (which keeps
+    its log-probabilities from the scoring code's own forward passes) and its scoring."""
     import hashlib
     import inspect
-    src = inspect.getsource(FloatReference)
+    src = inspect.getsource(FloatReference) + inspect.getsource(_KeepLogProbs)
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 

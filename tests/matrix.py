@@ -32,7 +32,9 @@ class Tier:
 # 36 min of pytest with them; each cost 200-250 s of one worker): GPTQ W4A16 with groups of 64,
 # SmoothQuant W8A8's alpha search, OmniQuant W4A16 (weight-only LWC, outside the paper's matrix),
 # and on the same grounds SpinQuant W4A16 on 2026-12-02 (its own rotations learned against 4-bit
-# RTN weights, then GPTQ: about 290 s of one worker; its GPTQ-replaced-by-RTN mutation now at W4A8).
+# RTN weights, then GPTQ: about 290 s of one worker; its GPTQ-replaced-by-RTN mutation now at W4A8),
+# with RTN W4A16 asymmetric, whose place here was to be the damage-ratio twin of those W4A16 cells
+# (asymmetric weights stay gated through RTN W4A8 asymmetric, OmniQuant's and SpinQuant's twin).
 # Their measured spreads stay in tests/gates.py SPREAD and docs/gate_bands.md.
 # OmniQuant trains one epoch over the 16 windows (about 100 s a cell): on held-out windows its W4A8
 # damage is 0.72 of RTN's, against 0.84 with no training (docs/omniquant.md).
@@ -47,7 +49,8 @@ DEFAULT = Tier("default", ("smollm2-135m",), 512, 16,
                         ("smoothquant", "w8a8", {"alpha_search": True}),
                         ("smoothquant", "w4a8", {"alpha_search": True}),
                         ("smoothquant", "w4a8", {"alpha_search": True, "weights": "gptq"}),
-                        ("spinquant", "w4a8", {"learn": False}), ("spinquant", "w4a16", {})))
+                        ("spinquant", "w4a8", {"learn": False}), ("spinquant", "w4a16", {}),
+                        ("rtn", "w4a16", {"sym": False})))
 # Short windows for checks that hold several models' logits at once (track 2: real against fake).
 SHORT = Tier("short", DEFAULT.models, 256, 4, DEFAULT.calib, True)
 # Track 1 tasks on tiny random models (default tier): every suite row quantizes a 2-layer llama in

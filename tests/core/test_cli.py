@@ -106,24 +106,23 @@ def cheap_profile(monkeypatch):
 
 def test_run_writes_resumable_results(cheap_profile, monkeypatch, tmp_path, capsys):
     from slmquant import profiles
-    sel = ["--methods", "rtn", "--device", "cpu"]   # RTN: no calibration to wait for
+    sel = ["--methods", "rtn", "--bits", "w4a8", "--device", "cpu"]   # RTN: no calibration to wait for
     assert main(["run", "--out", str(tmp_path), "--json", *sel]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cells = [r["cell"] for r in res["rows"]]
-    assert cells == ["float", "rtn-w8a8", "rtn-w4a8"]
+    assert cells == ["float", "rtn-w4a8"]
     folder = tmp_path / "cpu" / "smollm2-135m"
     report = (tmp_path / "report.md").read_text()              # rewritten after every cell
-    assert all(c in report for c in cells[1:]) and (tmp_path / "smollm2-135m-cpu-scores.png").is_file()
+    assert "rtn-w4a8" in report and (tmp_path / "smollm2-135m-cpu-scores.png").is_file()
     assert all(r["tokens"] == 2047 for r in res["rows"])
-    ratios = {r["cell"]: r["ppl_ratio"] for r in res["rows"]}
-    assert 1.0 < ratios["rtn-w8a8"] < ratios["rtn-w4a8"]
+    assert res["rows"][1]["ppl_ratio"] > 1.0
     # all three tracks: five tasks, the real-model measurement, the build's cost; the float cell's outliers
     saved = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
     for name, r in saved.items():
         assert all(r[t]["n_items"] == 2 for t in ("mmlu_cloze", "arc_challenge", "arc_easy", "piqa", "hellaswag"))
         assert r["tracks_done"] == ([1] if name == "float" else [1, 2, 3]) and r["schema"] == 1
         assert r["machine"]["threads"] >= 1 and r["machine"]["versions"]["torch"]
-    assert saved["rtn-w4a8"]["infer"]["ratios"]["storage_vs_float16"] < saved["rtn-w8a8"]["infer"]["ratios"]["storage_vs_float16"] < 1
+    assert saved["rtn-w4a8"]["infer"]["ratios"]["storage_vs_float16"] < 0.5
     assert saved["rtn-w4a8"]["quantization"]["cost"]["wall_s"] > 0
     assert len(saved["float"]["outliers"]["layers"]) == 30
     # resumes: a second run reads every cell back instead of evaluating it again
@@ -131,26 +130,25 @@ def test_run_writes_resumable_results(cheap_profile, monkeypatch, tmp_path, caps
     assert main(["run", "--out", str(tmp_path), *sel]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")} == stamp
     assert "rtn-w4a8" in capsys.readouterr().out
-    # a result of another setting or quantizer version, or a torn file (a run killed while writing),
-    # is evaluated again; a result missing a track gets only that track
-    stale = json.loads((folder / "float.json").read_text())
-    stale["identity"]["cell"] = stale["identity"]["cell"][:-4] + "beef"
-    stale["wikitext2"]["ppl"] = 1.0
-    (folder / "float.json").write_text(json.dumps(stale))
-    (folder / "rtn-w8a8.json").write_text('{"model": ')
+    # a torn file (a run killed while writing) is evaluated again; a track measured for another
+    # setting or quantizer version (its identity differs) is measured again, a missing track is
+    # measured, and a track still valid is kept
+    (folder / "float.json").write_text('{"model": ')
     part = json.loads((folder / "rtn-w4a8.json").read_text())
     part["tracks_done"], infer = [1, 3], part.pop("infer")
+    part["identity"]["3"] += "beef"
+    part["quantization"]["stale"] = True
     part["wikitext2"]["kept"] = True                         # track 1 is not measured again
     (folder / "rtn-w4a8.json").write_text(json.dumps(part))
     assert main(["run", "--out", str(tmp_path), "--json", *sel]) == 0
     rows = {r["cell"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
     assert rows["float"]["wikitext2_ppl"] == res["rows"][cells.index("float")]["wikitext2_ppl"]
-    assert rows["rtn-w8a8"]["wikitext2_ppl"] == res["rows"][cells.index("rtn-w8a8")]["wikitext2_ppl"]
     again = json.loads((folder / "rtn-w4a8.json").read_text())
     assert again["tracks_done"] == [1, 2, 3] and again["infer"]["real"]["storage"] == infer["real"]["storage"]
-    assert again["wikitext2"]["kept"] is True
+    assert again["wikitext2"]["kept"] is True and "stale" not in again["quantization"]
+    assert again["identity"] == saved["rtn-w4a8"]["identity"]
     changed = {p.name for p in folder.glob("*.json") if p.stat().st_mtime_ns != stamp[p.name]}
-    assert changed == {"float.json", "rtn-w8a8.json", "rtn-w4a8.json"}
+    assert changed == {"float.json", "rtn-w4a8.json"}
     # another calibration budget is another cell: the calibrated method's results are not reused
     from slmquant.bench import Spec, identity
     before = {m: identity(Spec("smollm2-135m", m, "w8a8"), "quick", 2) for m in ("none", "rtn", "gptq")}

@@ -1,6 +1,10 @@
-"""The spread tool behind the gate's bands (tests/spread.py), on synthetic runs."""
+"""The spread tool behind the gate's bands (tests/spread.py), on synthetic runs, and the float
+reference the gate scores against."""
 import json
 import math
+
+import pytest
+import torch
 
 from tests import spread
 
@@ -33,3 +37,26 @@ def test_spreads_are_the_largest_deviation_from_the_base_run(tmp_path):
 def test_a_method_inside_the_noise_is_called_so(tmp_path):
     runs = [_run(tmp_path / "a.json", 0.49), _run(tmp_path / "b.json", 0.50)]
     assert "**no**: inside the noise" in spread.table(runs)
+
+
+def test_float_reference_keeps_the_log_probabilities_of_its_own_pass():
+    """The gate's float reference takes its stored log-probabilities from the forward passes that
+    give its perplexity: equal to a separate pass, and a model scored against it has its KL."""
+    import torch.nn.functional as F
+
+    from slmquant import evaluate
+    from slmquant.models import tiny_model
+    from tests.gates import FloatReference
+    from tests.matrix import Tier
+    model, tok = tiny_model("llama", seed=0)
+    tier = Tier("t", ("tiny:llama",), 64, 3, None, True)
+    ref = FloatReference(model, tok, tier)
+    assert sorted(ref.logprobs) == [0, 1, 2]
+    for i, _, lg in evaluate.window_logits(model, ref.tokens, 64, range(3)):
+        assert torch.equal(ref.logprobs[i], lg[0].log_softmax(-1).half())
+    assert ref.result.ppl == evaluate.perplexity(model, ref.tokens, seqlen=64, limit=3, progress=False).ppl
+    other, _ = tiny_model("llama", seed=1)
+    got = ref.score(other)
+    want = sum(F.kl_div(lg[0].log_softmax(-1), ref.logprobs[i].float().log_softmax(-1), log_target=True,
+                        reduction="sum").item() for i, _, lg in evaluate.window_logits(other, ref.tokens, 64, range(3)))
+    assert got["kl"] == pytest.approx(want / (3 * 64), rel=1e-6) and got["ppl_ratio"] != 1.0
