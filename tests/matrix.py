@@ -25,8 +25,8 @@ class Tier:
 
 
 # Default tier: the whole bundled SmolLM2 gated on 16 x 512 tokens (tests/gates.py), small calibration.
-# Every method at W8A8 and W4A8 (the paper's matrix) and W4A16 where a mutation needs it (RTN, GPTQ,
-# SpinQuant); costly setting variants run only in the slow tier, to keep the default run under 30
+# Every method at W8A8 and W4A8 (the paper's matrix) and W4A16 where a mutation needs it (RTN, GPTQ);
+# costly setting variants run only in the slow tier, to keep the default run under 30
 # minutes on two cores from a cold cache: GPTQ sym=False, SmoothQuant's alpha search (with RTN and
 # GPTQ weights), SpinQuant's no-learning control, and, moved there on 2026-12-02 (a cold run took
 # 36 min of pytest with them; each cost 200-250 s of one worker): GPTQ W4A16 with groups of 64,
