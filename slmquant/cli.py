@@ -15,11 +15,6 @@ from pathlib import Path
 from .errors import SlmquantError
 
 
-def _device(name: str) -> str:
-    from .bench import resolve_device
-    return resolve_device(name)
-
-
 
 
 def _limit(value: str | None):
@@ -131,7 +126,7 @@ def _quantized(args, model, tok, method: str, bits: str):
 
 def cmd_eval(args) -> dict:
     import torch
-    from .bench import versions
+    from .bench import resolve_device, versions
     from .measure import float_key
     from .models import load_model
     from .tasks import TASKS
@@ -147,7 +142,7 @@ def cmd_eval(args) -> dict:
     if args.data_dir:
         os.environ["SLMQUANT_DATA"] = args.data_dir
     torch.manual_seed(0)
-    model, tok = load_model(args.model, device=_device(args.device))
+    model, tok = load_model(args.model, device=resolve_device(args.device))
     model_key = float_key(model)
     result = {"model": args.model, "source": model.slmquant_source.to_dict(), "method": "none",
               "bits": "w16a16", "profile": args.profile, "load_s": round(model.slmquant_load_s, 3),
@@ -193,11 +188,12 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_quantize(args) -> dict:
+    from .bench import resolve_device
     from safetensors.torch import save_model
     from .models import load_model
     if args.data_dir:
         os.environ["SLMQUANT_DATA"] = args.data_dir
-    model, tok = load_model(args.model, device=_device(args.device))
+    model, tok = load_model(args.model, device=resolve_device(args.device))
     qmodel, record = _quantized(args, model, tok, args.method, args.bits)
     if args.out:
         out = Path(args.out)
@@ -242,10 +238,10 @@ def _choices(given: str | None, default: list[str], what: str, allowed=None) -> 
 def _bench(args, models: list[str], methods: list[str], bits: list[str], tracks: tuple[int, ...],
            cells=None, tasks=None) -> list[dict]:
     """Run a matrix through slmquant.bench, rewriting the report after every cell."""
-    from .bench import run_bench
+    from .bench import resolve_device, run_bench
     from .report import write_report
     items = -1 if args.task_items is None else _task_items(args.task_items)
-    device = _device(args.device)                                   # checked before anything is written
+    device = resolve_device(args.device)                                   # checked before anything is written
     from . import data
     root = data.data_dir(args.data_dir)                             # the data, before any model loads
     missing = [rel for rel in data.CHECKSUMS if not (root / rel).is_file()]
@@ -329,11 +325,12 @@ def cmd_profile(args) -> dict:
     """Track 2 for one cell, side by side with the float model in the same process: the cell as a real
     low-bit model (integer weights, integer kernels), prefill and decode speed, peak memory, storage
     against the float16 checkpoint (tied weights once), MACs, slmq_infer (tokens/s and MACs variants)."""
+    from .bench import resolve_device
     from . import real
     from .models import load_model
     if args.data_dir:
         os.environ["SLMQUANT_DATA"] = args.data_dir
-    model, tok = load_model(args.model, device=_device(args.device))
+    model, tok = load_model(args.model, device=resolve_device(args.device))
     qmodel, record = _quantized(args, model, tok, args.method, args.bits)
     from .bench import track2
     t2, rmodel = track2(model, qmodel, tok, args.embeddings, args.iters, args.warmup, args.decode_tokens)
