@@ -105,17 +105,21 @@ def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size
     # the upper Cholesky factor of H^-1: row c holds what rounding column c does to the later columns
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    Q = torch.zeros_like(W)
+    # The column loop works on the transpose of each block (W1t: one contiguous row per column),
+    # so that reading a column and the rank-one update of the columns after it touch contiguous
+    # memory; the arithmetic is the same products and differences, so the result is bit for bit
+    # the same as on columns. Err1 and the lazy batch update keep W's layout.
+    Qt = torch.empty(n_in, W.shape[0], dtype=W.dtype, device=W.device)
     loss = torch.zeros((), dtype=torch.float64)
     params = static if group is None else None
     with _one_thread():
         for b0 in range(0, n_in, block_size):
             b1 = min(b0 + block_size, n_in)
-            W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
-            Err1 = torch.zeros_like(W1)
+            W1t, Hinv1 = W[:, b0:b1].t().contiguous(), Hinv[b0:b1, b0:b1]
+            Err1 = torch.zeros(W.shape[0], b1 - b0, dtype=W.dtype, device=W.device)
             for i in range(b1 - b0):
                 c = b0 + i                                              # position in rounding order
-                w, d = W1[:, i], Hinv1[i, i]
+                w, d = W1t[i], Hinv1[i, i]
                 if spec is None:
                     q = w
                 else:
@@ -123,11 +127,11 @@ def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size
                         if static is not None:
                             params = static[int(perm[c]) // group]
                         elif c % group == 0:                            # consecutive in rounding order
-                            params = qparams(_current(W, W1, Err1, Hinv, b0, b1, i, group), col_spec)
+                            params = qparams(_current(W, W1t, Err1, Hinv, b0, b1, i, group), col_spec)
                     q = fake_quant(w[:, None], col_spec, *params)[:, 0]
-                Q[:, c] = q
+                Qt[c] = q
                 err = (w - q) / d
-                W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+                W1t[i:] -= Hinv1[i, i:][:, None] * err[None, :]
                 Err1[:, i] = err
             loss += Err1.double().pow(2).sum() / 2                      # (w - q)^2 / d^2 / 2, per block
             W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]                         # the lazy batch update
@@ -135,7 +139,7 @@ def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size
     g_idx = None
     if group is not None and act_order and not static_groups:
         g_idx = (inv // group).to(torch.int32)                         # rounding position // group
-    return Rounded(Q[:, inv].to(W0.dtype), float(loss), g_idx)
+    return Rounded(Qt.t()[:, inv].to(W0.dtype), float(loss), g_idx)
 
 
 @contextmanager
@@ -150,10 +154,11 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def _current(W, W1, Err1, Hinv, b0: int, b1: int, i: int, n: int) -> torch.Tensor:
-    """Columns c..c+n (c = b0 + i) as they stand now: those inside the block from W1, those past it
-    from W plus the block's pending lazy update, so that results do not depend on the block size."""
-    cur = W1[:, i:i + n]
+def _current(W, W1t, Err1, Hinv, b0: int, b1: int, i: int, n: int) -> torch.Tensor:
+    """Columns c..c+n (c = b0 + i) as they stand now: those inside the block from W1t (the block,
+    transposed), those past it from W plus the block's pending lazy update, so that results do not
+    depend on the block size."""
+    cur = W1t[i:i + n].t()
     ahead = n - cur.shape[1]
     if ahead > 0:
         cur = torch.cat([cur, W[:, b1:b1 + ahead] - Err1[:, :i] @ Hinv[b0:b0 + i, b1:b1 + ahead]], 1)
