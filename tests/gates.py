@@ -290,7 +290,7 @@ class FloatReference:
     def score(self, model) -> dict:
         """KL(float || model) per position and the perplexity ratio, with their per-window sums."""
         r = evaluate.perplexity(model, self.tokens, seqlen=self.tier.seqlen, limit=self.tier.windows,
-                                progress=False, reference=lambda i: self.logprobs[i].float())
+                                progress=False, reference=lambda i: self.logprobs[i].float(), sqnr=False)
         return {"kl": r.extra["kl"], "ppl": r.ppl, "ppl_ratio": r.ppl / self.result.ppl,
                 "window_kl": r.extra["window_kl"], "window_nll": r.window_nll,
                 "float_window_nll": self.result.window_nll, "seqlen": self.tier.seqlen, "n_windows": r.n_windows}

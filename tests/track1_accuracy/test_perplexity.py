@@ -64,6 +64,22 @@ def _ref(model, tokens, i):
         return model(tokens[i * 256:(i + 1) * 256][None]).logits[0].float()
 
 
+def test_kl_without_sqnr_is_the_same_kl():
+    """The gate leaves the SQNR out (sqnr=False): the KL must not change by a bit."""
+    model, _ = tiny_model("llama", seed=0)
+    other, _ = tiny_model("llama", seed=1)
+    ids = torch.randint(0, 1000, (3 * 32,))
+
+    def ref(i):
+        with torch.no_grad():
+            return other(ids[i * 32:(i + 1) * 32][None]).logits[0].float()
+    full = evaluate.perplexity(model, ids, seqlen=32, progress=False, reference=ref)
+    lean = evaluate.perplexity(model, ids, seqlen=32, progress=False, reference=ref, sqnr=False)
+    assert "sqnr_db" in full.extra and "sqnr_db" not in lean.extra and full.extra["kl"] > 0
+    assert lean.extra["kl"] == full.extra["kl"] and lean.extra["window_kl"] == full.extra["window_kl"]
+    assert lean.nll_sum == full.nll_sum
+
+
 def test_window_nll_gives_the_perplexity_of_a_prefix():
     model, tok = tiny_model("llama", seed=0)
     ids = torch.randint(0, 1000, (5 * 32,))
