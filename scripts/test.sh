@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set everything up (scripts/setup.sh) and run the default test tier. Extra arguments go to pytest.
 # The mutation battery (marker `mutation`) is a tier of its own, left out here to keep this run under
-# 30 minutes on two cores; CI runs it after this (.ci/run). A `-m` given here replaces the default.
+# 30 minutes on two cores; CI adds it to the same session (.ci/run: `-m "not slow"`). A `-m` given
+# here replaces the default.
 # pytest exits 5 when it collects no test: that is a failure here too.
 # Workers: SLMQUANT_WORKERS pytest-xdist processes (default 2; 0 runs in this process). Each gets
 # max(1, cores // workers) torch threads (conftest.py): on two cores, two one-thread workers keep

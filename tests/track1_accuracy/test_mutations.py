@@ -3,6 +3,11 @@ leaving plausible numbers, and must turn the default tier's gate red through the
 it. A mutated cell is built outside the cell cache and scored exactly as test_cell_gate scores a
 cell, against the recorded baseline of that cell; the test checks which gate reported it.
 
+CI (`.ci/run`) runs the battery with the default tier; three mutations that repeat a mechanism the
+battery already covers at other bits or in another cell (the no-op on GPTQ W4A16, GPTQ W8A8's
+diagonal Hessian, SpinQuant W8A8 without R1/R2: about 7 minutes of one worker) are marked `slow` and
+run with `--runslow`.
+
 Not in the battery: SmoothQuant W4A8 falling back to RTN. At alpha 0.5 it does more damage than RTN
 by design (damage ratio 1.07), and its calibration draw alone moves that ratio by up to 10% on the
 default tier's 16 x 512 calibration tokens: the gate cannot tell it from RTN (docs/gate_bands.md).
@@ -44,6 +49,8 @@ class Mutation:
     apply: Callable              # apply(monkeypatch): the mutation, active while building and scoring
     gates: frozenset             # a gate of these must report it
     why: str
+    slow: bool = False           # in the slow tier only (--runslow): a second mutation of the same
+                                 # mechanism, kept out of CI's budget (docs/ci.md)
 
 
 def _noop(mp):
@@ -126,7 +133,7 @@ MUTATIONS = [
     Mutation("noop", "rtn", "w8a8", (), _noop, frozenset({"suspicious", "damage"}),
              "every method returns the float model unchanged"),
     Mutation("noop", "gptq", "w4a16", GPTQ_CAL, _noop, frozenset({"suspicious", "damage"}),
-             "every method returns the float model unchanged"),
+             "every method returns the float model unchanged", slow=True),
     Mutation("floor", "rtn", "w8a8", (), _floor, frozenset({"damage"}), "rounding replaced by flooring"),
     Mutation("float-activations", "rtn", "w4a8", (), _float_activations, frozenset({"damage"}),
              "QLinear stops quantizing its inputs: W4A16 reported as W4A8"),
@@ -137,7 +144,7 @@ MUTATIONS = [
     Mutation("no-act-order", "gptq", "w4a16", GPTQ_CAL, _no_act_order, frozenset({"vs_rtn"}),
              "act_order silently ignored"),
     Mutation("diagonal-hessian", "gptq", "w8a8", GPTQ_CAL, _diagonal_hessian, frozenset({"vs_rtn"}),
-             "GPTQ's Hessian loses its off-diagonal terms at 8 bits"),
+             "GPTQ's Hessian loses its off-diagonal terms at 8 bits", slow=True),
     Mutation("unit-smoothing", "smoothquant", "w8a8", (("calib_samples", 16),), _unit_smoothing,
              frozenset({"vs_rtn"}), "smoothing factors all 1: SmoothQuant falls back to RTN"),
     Mutation("weights-only-smoothing", "smoothquant", "w8a8", (("calib_samples", 16),), _weights_only_smoothing,
@@ -149,7 +156,7 @@ MUTATIONS = [
     Mutation("identity-rotations", "spinquant", "w4a8", SPIN_CAL, _identity_rotations,
              frozenset({"damage", "vs_rtn"}), "R1 and R2 never folded in: SpinQuant falls back to GPTQ (+R4)"),
     Mutation("identity-rotations", "spinquant", "w8a8", SPIN_CAL, _identity_rotations,
-             frozenset({"damage", "vs_rtn"}), "R1 and R2 never folded in, at 8 bits"),
+             frozenset({"damage", "vs_rtn"}), "R1 and R2 never folded in, at 8 bits", slow=True),
     Mutation("no-online-hadamard", "spinquant", "w4a8", SPIN_CAL, _no_online_hadamard,
              frozenset({"damage", "vs_rtn"}), "R4 left out: down_proj reads its input unrotated"),
     Mutation("rtn-weights", "spinquant", "w4a8", SPIN_CAL, _rtn_weights, frozenset({"damage", "vs_rtn"}),
@@ -158,8 +165,8 @@ MUTATIONS = [
 
 
 def _param(m: Mutation):
-    return pytest.param(m, id=f"{m.method}-{m.bits}-{m.name}",
-                        marks=[getattr(pytest.mark, m.method), getattr(pytest.mark, m.bits), pytest.mark.mutation])
+    marks = [getattr(pytest.mark, m.method), getattr(pytest.mark, m.bits), pytest.mark.mutation]
+    return pytest.param(m, id=f"{m.method}-{m.bits}-{m.name}", marks=marks + [pytest.mark.slow] * m.slow)
 
 
 @pytest.mark.parametrize("mutation", [_param(m) for m in MUTATIONS])
