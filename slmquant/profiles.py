@@ -1,7 +1,7 @@
 """Profiles: `quick` (the default on a CPU) shrinks calibration so a cell finishes in minutes on two
 cores and scores WikiText-2 on the first 40 windows; `paper` keeps each method's paper settings;
 `smoke` calibrates as the test suite's default tier (so the two share cached cells) and scores the
-first 8 windows, for a whole `slmquant run` in under half an hour on two cores."""
+first 4 windows, for a whole `slmquant run` in under half an hour on two cores."""
 from __future__ import annotations
 
 from dataclasses import fields
