@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..arch import arch_map, decoder_layers
 from ..calib import accumulate_hessian, input_hooks, make_hessian, walk_layers
 from ..errors import SlmquantError
-from ..quant import QLinear, QSpec, fake_quant, qparams
+from ..quant import QLinear, QSpec, _grouped, _round, fake_quant, qparams
 from . import CalibConfig, register
 
 
@@ -47,13 +47,17 @@ class GPTQConfig(CalibConfig):
     QLinear records each input channel's group (`g_idx`).
     full_grid: on by default, as in the reference code: symmetric weights on all 2^bits levels. On
     held-out windows at W4A16 it cut GPTQ's KL from float by 12% (SmolLM2) and 14% (Qwen2.5-0.5B)
-    (docs/full_grid.md); RTN keeps 15 levels (the full grid hurt it on SmolLM2)."""
+    (docs/full_grid.md); RTN keeps 15 levels (the full grid hurt it on SmolLM2).
+    w_clip: each row's (or group's) weight range from the reference quantizer's clipping search
+    (`mse_qparams`) instead of its min/max; off by default (the GPTQ paper's setting), on in
+    SpinQuant's evaluation scripts (`--w_clip`)."""
     full_grid: bool = True
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = True
     true_sequential: bool = False
     static_groups: bool = True
+    w_clip: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -76,11 +80,33 @@ class Rounded(NamedTuple):
     g_idx: torch.Tensor | None
 
 
+def mse_qparams(x: torch.Tensor, spec: QSpec, grid: int = 100, maxshrink: float = 0.8,
+                norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) as `qparams` gives them, with each row's (or group's) range shrunk by the
+    factor, among 1, 1 - 1/grid, ..., 1 - (maxshrink * grid - 1) / grid (80 candidates: 1.00 down to
+    0.21), that rounds it with the least sum |Q(x) - x|^norm: the weight-clipping search of the GPTQ
+    reference code's quantizer. The factor multiplies spec.clip_ratio; a tie keeps the wider range."""
+    xg = _grouped(x, spec)
+    scale = zero = best = None
+    for i in range(int(maxshrink * grid)):
+        s, z = qparams(x, dataclasses.replace(spec, clip_ratio=spec.clip_ratio * (1 - i / grid)))
+        q = (torch.clamp(_round(xg / s) + z, spec.qmin, spec.qmax) - z) * s
+        err = (q - xg).abs().pow(norm).sum(-1, keepdim=True)
+        if best is None:
+            scale, zero, best = s, z, err
+            continue
+        better = err < best
+        scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.where(better, err, best)
+    return scale, zero
+
+
 @torch.no_grad()
 def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size: int = 128,
-                damp: float = 0.01, act_order: bool = False, static_groups: bool = True) -> Rounded:
+                damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
+                w_clip: bool = False) -> Rounded:
     """Round W (out, in) against the Hessian H (in, in) of its inputs.
-    spec None rounds nothing (the identity): the error feedback then has nothing to spread."""
+    spec None rounds nothing (the identity): the error feedback then has nothing to spread.
+    w_clip: every row's (group's) range from `mse_qparams`, on the weights as GPTQ reaches them."""
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32       # at least float32
     W0, W = W, W.detach().clone().to(dt)
     H = H.detach().clone().to(dt)
@@ -93,11 +119,12 @@ def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size
 
     group = spec.group_size if spec is not None and spec.granularity == "group" else None
     col_spec = dataclasses.replace(spec, granularity="channel", group_size=None) if spec else None
+    find = mse_qparams if w_clip else qparams
     static = None
     if spec is not None and group is None:
-        static = qparams(W, col_spec)                                   # one (scale, zero) per row
+        static = find(W, col_spec)                                      # one (scale, zero) per row
     elif group is not None and act_order and static_groups:             # fixed up front, original order
-        static = [qparams(W[:, g:g + group], col_spec) for g in range(0, n_in, group)]
+        static = [find(W[:, g:g + group], col_spec) for g in range(0, n_in, group)]
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n_in)
     W, H = W[:, perm], H[perm][:, perm]
@@ -127,7 +154,7 @@ def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size
                         if static is not None:
                             params = static[int(perm[c]) // group]
                         elif c % group == 0:                            # consecutive in rounding order
-                            params = qparams(_current(W, W1t, Err1, Hinv, b0, b1, i, group), col_spec)
+                            params = find(_current(W, W1t, Err1, Hinv, b0, b1, i, group), col_spec)
                     q = fake_quant(w[:, None], col_spec, *params)[:, 0]
                 Qt[c] = q
                 err = (w - q) / d
@@ -195,7 +222,7 @@ def gptq_(model: nn.Module, calib: torch.Tensor, cfg: GPTQConfig, a_spec: QSpec 
             for names_h in shared.values():
                 W = torch.cat([mods[n].weight for n in names_h])
                 r = gptq_weight(W, hess[names_h[0]]["H"], cfg.w_spec, cfg.block_size, cfg.damp,
-                                cfg.act_order, cfg.static_groups)
+                                cfg.act_order, cfg.static_groups, w_clip=cfg.w_clip)
                 losses[f"{i}." + "+".join(names_h)] = r.loss
                 for n, q in zip(names_h, r.weight.split([mods[n].out_features for n in names_h])):
                     layer.set_submodule(n, QLinear.from_linear(mods[n], cfg.w_spec, a_spec, weight=q,

@@ -33,15 +33,16 @@ from .. import rotation as rot
 from ..arch import arch_map, decoder_layers, heads, layer_linears, set_submodule
 from ..errors import SlmquantError
 from ..files import atomic_path
-from ..quant import QLinear, fake_quant_ste
+from ..quant import QLinear, fake_quant, fake_quant_ste
 from . import register
-from .gptq import GPTQConfig, gptq_
+from .gptq import GPTQConfig, gptq_, mse_qparams
 
 
 @dataclass(frozen=True)
 class SpinQuantConfig(GPTQConfig):
     """Weights asymmetric (sym=False) and activations asymmetric per token (a_sym=False), as the
-    paper; every GPTQ setting of GPTQConfig applies to the GPTQ step.
+    paper; every GPTQ setting of GPTQConfig applies to the GPTQ step (w_clip, the reference's
+    weight-clipping search that its evaluation scripts pass, also to RTN weights).
     weights: "gptq" or "rtn". learn: learn R1/R2 (false: fixed random Hadamards, QuaRot-like, the
     control). steps: Cayley SGD steps, one window of the calibration set each, in order (reference:
     100 steps of 8 windows of 2048 tokens). lr: the largest step (1.5, cosine decay to 0).
@@ -281,7 +282,8 @@ def spinquant(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig, progr
     else:
         with torch.no_grad():
             for name, lin in layer_linears(model):
-                set_submodule(model, name, QLinear.from_linear(lin, cfg.w_spec, cfg.a_spec))
+                w = fake_quant(lin.weight, cfg.w_spec, *mse_qparams(lin.weight, cfg.w_spec)) if cfg.w_clip else None
+                set_submodule(model, name, QLinear.from_linear(lin, cfg.w_spec, cfg.a_spec, weight=w))
     model.slmquant_method_info = {"loss": res["loss"], "orthogonality_error": res["ortho"],
                                   "learned": bool(cfg.learn and cfg.steps)}
     return model

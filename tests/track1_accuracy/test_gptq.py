@@ -147,3 +147,56 @@ def test_rows_round_independently():
     Q, _, _ = gptq_weight(W, H, spec)
     parts = [gptq_weight(w, H, spec)[0] for w in W.split([10, 14])]
     assert torch.allclose(Q, torch.cat(parts), atol=1e-12)
+
+
+def _clip_search_by_hand(row: torch.Tensor, bits: int, sym: bool) -> float:
+    """The least error of one row's rounding over the reference quantizer's clipping search,
+    written out: ranges p * (min, max) for p = 1.00, 0.99, ..., 0.21, error sum |q - w|^2.4."""
+    best = float("inf")
+    for i in range(80):
+        p = 1 - i / 100
+        lo, hi = min(row.min().item(), 0.0) * p, max(row.max().item(), 0.0) * p
+        if sym:
+            scale, zero = max(-lo, hi) / (2 ** (bits - 1) - 1), 0.0
+            qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1          # codes -8..7 at 4 bits
+        else:
+            scale = (hi - lo) / (2 ** bits - 1)
+            zero, qmin, qmax = round(-lo / scale), 0, 2 ** bits - 1
+        q = (torch.clamp(torch.round(row / scale) + zero, qmin, qmax) - zero) * scale
+        best = min(best, (q - row).abs().pow(2.4).sum().item())
+    return best
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_search_matches_the_hand_written_search(sym):
+    from slmquant.methods.gptq import mse_qparams
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(6, 64, generator=g, dtype=torch.float64)
+    W[0, 5] = 9.0                                    # an outlier: the search must clip this row
+    spec = QSpec(4, sym=sym, granularity="channel")
+    scale, zero = mse_qparams(W, spec)
+    got = fake_quant(W, spec, scale, zero)
+    plain = ((fake_quant(W, spec) - W).abs() ** 2.4).sum(1)
+    clipped = ((got - W).abs() ** 2.4).sum(1)
+    for r in range(W.shape[0]):          # the least error (two ranges may tie to the last bits)
+        assert clipped[r].item() == pytest.approx(_clip_search_by_hand(W[r], 4, sym), rel=1e-9), r
+    assert (clipped <= plain + 1e-12).all() and clipped[0] < plain[0]
+
+
+def test_clip_search_with_an_uncorrelated_hessian_is_clipped_rtn():
+    """With H = I nothing feeds back: GPTQ with w_clip is round-to-nearest on the searched ranges."""
+    from slmquant.methods.gptq import mse_qparams
+    W, _, _ = _data(rows=8, cols=32)
+    spec = QSpec(4, sym=False, granularity="channel")
+    Q, _, _ = gptq_weight(W, torch.eye(32, dtype=torch.float64), spec, damp=0.0, w_clip=True)
+    assert torch.equal(Q, fake_quant(W, spec, *mse_qparams(W, spec)))
+    assert not torch.equal(Q, gptq_weight(W, torch.eye(32, dtype=torch.float64), spec, damp=0.0)[0])
+
+
+def test_clip_search_lowers_the_layer_error_of_gptq_at_4_bits():
+    W, X, H = _data(seed=4, rows=32, cols=64)
+    W[:, 3] *= 6                                     # a few large weights per row
+    spec = QSpec(4, sym=True, granularity="channel")
+    plain, _, _ = gptq_weight(W, H, spec, act_order=True)
+    clipped, _, _ = gptq_weight(W, H, spec, act_order=True, w_clip=True)
+    assert _err(W, clipped, X) < _err(W, plain, X)

@@ -87,8 +87,8 @@ def _diagonal_hessian(mp):
 
 def _no_act_order(mp):
     orig = gptq_mod.gptq_weight
-    mp.setattr(gptq_mod, "gptq_weight", lambda W, H, spec, bs, damp, act_order, static:
-               orig(W, H, spec, bs, damp, False, static))
+    mp.setattr(gptq_mod, "gptq_weight", lambda W, H, spec, bs, damp, act_order, static, **kw:
+               orig(W, H, spec, bs, damp, False, static, **kw))
 
 
 def _unit_smoothing(mp):
