@@ -95,12 +95,19 @@ class Method:
     def source_hash(self) -> str:
         """Hash of the method's file and of every slmquant module it uses, transitively (smoothquant
         calls rtn; everything uses quant.py and arch.py), so that a code change invalidates the
-        cached cells it can affect and no others."""
-        h = hashlib.sha256()
-        for name in sorted(_module_closure(self.fn.__module__)):
-            h.update(name.encode())
-            h.update(Path(sys.modules[name].__file__).read_bytes())
-        return h.hexdigest()[:16]
+        cached cells it can affect and no others. Read once per process: a file edited while a long
+        run goes on must not key what the run's (older) code computes."""
+        root = self.fn.__module__
+        if root not in _SOURCE_HASHES:
+            h = hashlib.sha256()
+            for name in sorted(_module_closure(root)):
+                h.update(name.encode())
+                h.update(Path(sys.modules[name].__file__).read_bytes())
+            _SOURCE_HASHES[root] = h.hexdigest()[:16]
+        return _SOURCE_HASHES[root]
+
+
+_SOURCE_HASHES: dict[str, str] = {}
 
 
 def _module_closure(root: str) -> set[str]:

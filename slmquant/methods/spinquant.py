@@ -257,14 +257,13 @@ def _rotation_cache(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig)
     return cache_dir() / "spinquant-rotations" / f"{h.hexdigest()[:20]}.pt"
 
 
-@register("spinquant", SpinQuantConfig, suite=SUITE)
-def spinquant(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig, progress: bool = True) -> nn.Module:
-    if calib is None:
-        raise SlmquantError("spinquant needs calibration windows")
-    prepare_(model)
+def cached_rotations(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig, progress: bool = True) -> dict:
+    """R1 and the R2s for a prepared model (`prepare_`), from the rotation cache, learned and stored
+    there on a miss (or when a stored one is not orthogonal), under the entry's lock: a W8A8 and a
+    W4A8 worker learn their shared rotation once."""
     path = _rotation_cache(model, calib, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):         # a W8A8 and a W4A8 worker learn the shared rotation once
+    with FileLock(str(path) + ".lock"):
         res = torch.load(path, weights_only=True) if path.is_file() else None
         if res is not None and max(rot.orthogonality_error(R) for R in [res["R1"], *res["R2"]]) > ORTHO_TOL:
             res = None                                          # not orthogonal: learned again
@@ -272,6 +271,15 @@ def spinquant(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig, progr
             res = learn_rotations(model, calib, cfg, progress)
             with atomic_path(path) as tmp:
                 torch.save(res, tmp)
+    return res
+
+
+@register("spinquant", SpinQuantConfig, suite=SUITE)
+def spinquant(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig, progress: bool = True) -> nn.Module:
+    if calib is None:
+        raise SlmquantError("spinquant needs calibration windows")
+    prepare_(model)
+    res = cached_rotations(model, calib, cfg, progress)
     with torch.no_grad():
         rot.rotate_residual_(model, res["R1"])
         for layer, R2 in zip(decoder_layers(model), res["R2"]):

@@ -141,6 +141,23 @@ def test_code_hash_covers_what_a_method_uses_and_nothing_else():
     assert rtn < sq and "slmquant.calib" in sq            # smoothquant calls rtn: its hash covers rtn.py
 
 
+def test_a_methods_code_hash_is_read_once_per_process(tmp_path, monkeypatch):
+    """A method file edited while a long run goes on must not key what the run's older code computes."""
+    import importlib
+
+    from slmquant.methods import _SOURCE_HASHES, Method, QuantConfig
+    src = tmp_path / "slmq_hash_probe.py"
+    src.write_text("def fn(model, calib, cfg):\n    return model\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("slmquant.methods._SOURCE_HASHES", dict(_SOURCE_HASHES))
+    method = Method("probe", QuantConfig, importlib.import_module("slmq_hash_probe").fn, ())
+    before = method.source_hash()
+    src.write_text("# edited while running\n" + src.read_text())
+    assert method.source_hash() == before
+    monkeypatch.setattr("slmquant.methods._SOURCE_HASHES", {})
+    assert method.source_hash() != before                # a new process reads the edited file
+
+
 def test_prune_removes_least_recently_used(tmp_path):
     model, tok = tiny_model("llama")
     cache = CellCache(tmp_path)

@@ -18,6 +18,7 @@ silently false): at the default tier's 8 Cayley steps the learned rotations do n
 random Hadamards they start from (docs/spinquant.md), so only the rotations' benefit is gated here."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -26,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmquant import calib, quant
+from slmquant import calib, data, quant
 from slmquant import rotation as rot
 from slmquant.arch import layer_linears, set_submodule
 from slmquant.cells import build
@@ -170,7 +171,7 @@ def _param(m: Mutation):
 
 
 @pytest.mark.parametrize("mutation", [_param(m) for m in MUTATIONS])
-def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate_metrics, quantized,
+def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate_metrics,
                             tmp_path, request):
     """The mutated cell's gate statistics are kept in the measurement cache under a key of the cell
     (its own key: the method's code and everything it imports), the mutation's source, the float
@@ -190,8 +191,14 @@ def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate
     def measure() -> dict:
         get_method(cell.method)               # registry loaded before the no-op replaces its entries
         if cell.method == "spinquant":
-            quantized(cell)                   # the unmutated cell: its learned rotations in the shared cache
-            # a mutated build reads the learned rotations but never writes the shared cache
+            # the unmutated learned rotations in the shared cache (learned here on a miss, under the
+            # entry's lock, never the whole cell); a mutated build reads them, never writes there
+            prepared = copy.deepcopy(model)
+            spin_mod.prepare_(prepared)
+            cfg = cell.cfg
+            spin_mod.cached_rotations(prepared, data.calib_windows(tok, cfg.calib_samples, cfg.calib_seqlen, cfg.seed),
+                                      cfg, progress=False)
+            del prepared
             monkeypatch.setattr(spin_mod, "_rotation_cache", gates.private_rotation_cache(tmp_path, copy_shared=True))
         mutation.apply(monkeypatch)
         try:
