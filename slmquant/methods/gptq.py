@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..arch import arch_map, decoder_layers
 from ..calib import accumulate_hessian, input_hooks, make_hessian, walk_layers
 from ..errors import SlmquantError
-from ..quant import QLinear, QSpec, _grouped, _round, fake_quant, qparams
+from ..quant import QLinear, QSpec, _grouped, fake_quant, qparams
 from . import CalibConfig, register
 
 
@@ -86,12 +86,10 @@ def mse_qparams(x: torch.Tensor, spec: QSpec, grid: int = 100, maxshrink: float 
     factor, among 1, 1 - 1/grid, ..., 1 - (maxshrink * grid - 1) / grid (80 candidates: 1.00 down to
     0.21), that rounds it with the least sum |Q(x) - x|^norm: the weight-clipping search of the GPTQ
     reference code's quantizer. The factor multiplies spec.clip_ratio; a tie keeps the wider range."""
-    xg = _grouped(x, spec)
     scale = zero = best = None
     for i in range(int(maxshrink * grid)):
         s, z = qparams(x, dataclasses.replace(spec, clip_ratio=spec.clip_ratio * (1 - i / grid)))
-        q = (torch.clamp(_round(xg / s) + z, spec.qmin, spec.qmax) - z) * s
-        err = (q - xg).abs().pow(norm).sum(-1, keepdim=True)
+        err = _grouped((fake_quant(x, spec, s, z) - x).abs().pow(norm), spec).sum(-1, keepdim=True)
         if best is None:
             scale, zero, best = s, z, err
             continue
