@@ -397,7 +397,9 @@ def check(cell: Cell, metrics: dict, gates: dict) -> list[str]:
         out.append(f"{cell.id}: ppl_ratio {r:.4f} < {SUSPICIOUS}: better than float, suspicious")
     if "max_ppl_ratio" in gates and r > gates["max_ppl_ratio"]:
         out.append(f"{cell.id}: ppl_ratio {r:.4f} > ceiling {gates['max_ppl_ratio']}")
-    if "min_sqnr_db" in gates and metrics.get("sqnr_db", float("inf")) < gates["min_sqnr_db"]:
+    if "min_sqnr_db" in gates and "sqnr_db" not in metrics:
+        out.append(f"{cell.id}: an SQNR floor is set but no SQNR was scored (score with sqnr=True)")
+    elif "min_sqnr_db" in gates and metrics["sqnr_db"] < gates["min_sqnr_db"]:
         out.append(f"{cell.id}: logit SQNR {metrics['sqnr_db']:.2f} dB < floor {gates['min_sqnr_db']}")
     if "max_kl" in gates and metrics.get("kl", 0.0) > gates["max_kl"]:
         out.append(f"{cell.id}: KL {metrics['kl']:.4g} > ceiling {gates['max_kl']}")

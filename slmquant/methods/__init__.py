@@ -95,8 +95,9 @@ class Method:
     def source_hash(self) -> str:
         """Hash of the method's file and of every slmquant module it uses, transitively (smoothquant
         calls rtn; everything uses quant.py and arch.py), so that a code change invalidates the
-        cached cells it can affect and no others. Read once per process: a file edited while a long
-        run goes on must not key what the run's (older) code computes."""
+        cached cells it can affect and no others. Read once per process (when the methods are
+        loaded): a file edited while a long run goes on must not key what the run's older code
+        computes."""
         root = self.fn.__module__
         if root not in _SOURCE_HASHES:
             h = hashlib.sha256()
@@ -146,8 +147,13 @@ def all_methods() -> dict[str, Method]:
 
 
 def _load_all() -> None:
+    """Import every method module; the first time, also read every method's code hash, so that the
+    hash is that of the code just imported even when a run first needs it hours later."""
     for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
         importlib.import_module(f"{__name__}.{mod.name}")
+    if not _SOURCE_HASHES:
+        for m in list(METHODS.values()):
+            m.source_hash()
 
 
 def get_method(name: str) -> Method:

@@ -85,7 +85,11 @@ def mse_qparams(x: torch.Tensor, spec: QSpec, grid: int = 100, maxshrink: float 
     """(scale, zero) as `qparams` gives them, with each row's (or group's) range shrunk by the
     factor, among 1, 1 - 1/grid, ..., 1 - (maxshrink * grid - 1) / grid (80 candidates: 1.00 down to
     0.21), that rounds it with the least sum |Q(x) - x|^norm: the weight-clipping search of the GPTQ
-    reference code's quantizer. The factor multiplies spec.clip_ratio; a tie keeps the wider range."""
+    reference code's quantizer. The factor multiplies spec.clip_ratio; a tie keeps the wider range.
+    Searched in float32 at least, as the reference. Its grid is this spec's: asymmetric weights (the
+    SpinQuant default here) as the reference's; symmetric ones follow `full_grid`."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     scale = zero = best = None
     for i in range(int(maxshrink * grid)):
         s, z = qparams(x, dataclasses.replace(spec, clip_ratio=spec.clip_ratio * (1 - i / grid)))

@@ -176,3 +176,12 @@ def test_each_xdist_worker_gets_its_own_gpu():
     assert worker_device("gw0", 0) == worker_device(None, 0) == "cpu"
     assert [worker_device(f"gw{i}", 4) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]
     assert worker_device(None, 2) == worker_device("master", 2) == "cuda:0"
+
+
+def test_an_sqnr_floor_without_a_scored_sqnr_fails():
+    """The gate scores without the SQNR (sqnr=False): a floor set on it must not pass unseen."""
+    from tests import gates
+    cell = _gate_cell()
+    assert "no SQNR was scored" in " ".join(gates.check(cell, {"ppl_ratio": 1.1, "kl": 0.1}, {"min_sqnr_db": 10}))
+    assert gates.check(cell, {"ppl_ratio": 1.1, "sqnr_db": 12.0}, {"min_sqnr_db": 10}) == []
+    assert "< floor" in " ".join(gates.check(cell, {"ppl_ratio": 1.1, "sqnr_db": 8.0}, {"min_sqnr_db": 10}))
