@@ -51,6 +51,19 @@ def test_missing_data_dir_fails_clearly(tmp_path):
     assert "missing or corrupt" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A random 2-layer llama saved as a Hugging Face folder: `run` and `bench` load it as they load
+    any local model, so these tests check the orchestration (plan, tracks, resume, report) in seconds;
+    the bundled models' own loading is checked by the `eval` and `quantize` tests above."""
+    from slmquant.models import tiny_model
+    model, tok = tiny_model("llama")
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def test_eval_json(capsys):
     assert main(["eval", "smollm2-135m", "--limit", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -58,30 +71,31 @@ def test_eval_json(capsys):
     assert res["wikitext2"]["n_windows"] == 1 and res["wikitext2"]["n_tokens"] == 2047
 
 
-def test_eval_real_scores_what_the_fake_quantized_cell_scores(capsys):
-    """The same cell as a real low-bit model through the same track 1 code, on one 2048-token window.
+def test_eval_real_scores_what_the_fake_quantized_cell_scores(tiny_folder, capsys):
+    """The same cell as a real low-bit model through the same track 1 code, on one 2048-token window
+    (a tiny model: the real-model numerics of every default cell are track 2's tests).
     W4A16 (no activation quantization) must match the fake-quantized cell to 0.5%. With 8-bit
     activations a single window is not a fair test (float rounding flips per-token rounding
-    decisions at outlier tokens: 2.2% measured on this window at W4A8; see
-    tests/track2_inference/test_track2_cells.py), so W4A8 here checks the integer kernel record."""
+    decisions at outlier tokens; see tests/track2_inference/test_track2_cells.py), so W4A8 here
+    checks the integer kernel record."""
     out = {}
     for bits in ("w4a16", "w4a8"):
         for extra in ([], ["--real"]):
-            assert main(["eval", "smollm2-135m", "rtn", bits, "--limit", "1", *extra, "--json"]) == 0
+            assert main(["eval", str(tiny_folder), "rtn", bits, "--limit", "1", *extra, "--json"]) == 0
             out[bits, bool(extra)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     real, fake = out["w4a16", True], out["w4a16", False]
-    assert real["real"] == {"embeddings": "float16", "kernels": {"dequant": 210}}
+    assert real["real"] == {"embeddings": "float16", "kernels": {"dequant": 14}}        # 2 layers x 7
     assert abs(real["wikitext2"]["ppl"] / fake["wikitext2"]["ppl"] - 1) < 0.005
     assert real["wikitext2"]["ppl"] != fake["wikitext2"]["ppl"]          # really a different model
-    assert out["w4a8", True]["real"]["kernels"] == {"onednn_u8s8": 210}
+    assert out["w4a8", True]["real"]["kernels"] == {"onednn_u8s8": 14}
 
 
-def test_quantize_settings_and_errors(capsys, tmp_path):
-    assert main(["quantize", "smollm2-135m", "rtn", "w4a16", "--set", "sym=false", "--group-size", "64",
+def test_quantize_settings_and_errors(tiny_folder, capsys, tmp_path):
+    assert main(["quantize", str(tiny_folder), "rtn", "w4a16", "--set", "sym=false", "--group-size", "32",
                  "--out", str(tmp_path), "--json"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert rec["cell"] == "smollm2-rtn-w4a16-group_size=64-sym=False"
-    assert rec["settings"]["group_size"] == 64 and rec["settings"]["sym"] is False
+    assert rec["cell"].endswith("tiny-llama-rtn-w4a16-group_size=32-sym=False")    # the folder's path, then the cell
+    assert rec["settings"]["group_size"] == 32 and rec["settings"]["sym"] is False
     assert rec["cost"]["wall_s"] > 0 and rec["cost"]["peak_mem_bytes"] > 0
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "slmquant_cell.json").is_file()
     for argv, needle in [(["quantize", "smollm2-135m", "rtn", "w4a9"], "activation bits 9"),
@@ -104,16 +118,16 @@ def cheap_profile(monkeypatch):
     monkeypatch.setitem(bench.TRACK2, "quick", {"iters": 1, "warmup": 1, "decode_tokens": 2})
 
 
-def test_run_writes_resumable_results(cheap_profile, monkeypatch, tmp_path, capsys):
+def test_run_writes_resumable_results(cheap_profile, tiny_folder, monkeypatch, tmp_path, capsys):
     from slmquant import profiles
-    sel = ["--methods", "rtn", "--bits", "w4a8", "--device", "cpu"]   # RTN: no calibration to wait for
+    sel = ["--model", str(tiny_folder), "--methods", "rtn", "--bits", "w4a8", "--device", "cpu"]
     assert main(["run", "--out", str(tmp_path), "--json", *sel]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cells = [r["cell"] for r in res["rows"]]
     assert cells == ["float", "rtn-w4a8"]
-    folder = tmp_path / "cpu" / "smollm2-135m"
+    folder = tmp_path / "cpu" / "tiny-llama"
     report = (tmp_path / "report.md").read_text()              # rewritten after every cell
-    assert "rtn-w4a8" in report and (tmp_path / "smollm2-135m-cpu-scores.png").is_file()
+    assert "rtn-w4a8" in report and (tmp_path / "tiny-llama-cpu-scores.png").is_file()
     assert all(r["tokens"] == 2047 for r in res["rows"])
     assert res["rows"][1]["ppl_ratio"] > 1.0
     # all three tracks: five tasks, the real-model measurement, the build's cost; the float cell's outliers
@@ -122,9 +136,9 @@ def test_run_writes_resumable_results(cheap_profile, monkeypatch, tmp_path, caps
         assert all(r[t]["n_items"] == 2 for t in ("mmlu_cloze", "arc_challenge", "arc_easy", "piqa", "hellaswag"))
         assert r["tracks_done"] == ([1] if name == "float" else [1, 2, 3]) and r["schema"] == 1
         assert r["machine"]["threads"] >= 1 and r["machine"]["versions"]["torch"]
-    assert saved["rtn-w4a8"]["infer"]["ratios"]["storage_vs_float16"] < 0.5
+    assert saved["rtn-w4a8"]["infer"]["ratios"]["storage_vs_float16"] < 1      # mostly float16 embeddings
     assert saved["rtn-w4a8"]["quantization"]["cost"]["wall_s"] > 0
-    assert len(saved["float"]["outliers"]["layers"]) == 30
+    assert len(saved["float"]["outliers"]["layers"]) == 2
     # resumes: a second run reads every cell back instead of evaluating it again
     stamp = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")}
     assert main(["run", "--out", str(tmp_path), *sel]) == 0
@@ -151,28 +165,29 @@ def test_run_writes_resumable_results(cheap_profile, monkeypatch, tmp_path, caps
     assert changed == {"float.json", "rtn-w4a8.json"}
     # another calibration budget is another cell: the calibrated method's results are not reused
     from slmquant.bench import Spec, identity
-    before = {m: identity(Spec("smollm2-135m", m, "w8a8"), "quick", 2) for m in ("none", "rtn", "gptq")}
+    before = {m: identity(Spec(str(tiny_folder), m, "w8a8"), "quick", 2) for m in ("none", "rtn", "gptq")}
     monkeypatch.setattr(profiles, "QUICK", {"calib_samples": 3, "calib_seqlen": 256})
-    after = {m: identity(Spec("smollm2-135m", m, "w8a8"), "quick", 2) for m in before}
+    after = {m: identity(Spec(str(tiny_folder), m, "w8a8"), "quick", 2) for m in before}
     assert [m for m in before if before[m] != after[m]] == ["gptq"]
 
 
-def test_bench_selects_tracks_and_adds_a_track_later(cheap_profile, tmp_path, capsys):
-    argv = ["bench", "--out", str(tmp_path), "--methods", "rtn", "--bits", "w8a8", "--json", "--device", "cpu"]
+def test_bench_selects_tracks_and_adds_a_track_later(cheap_profile, tiny_folder, tmp_path, capsys):
+    argv = ["bench", "--out", str(tmp_path), "--models", str(tiny_folder), "--methods", "rtn", "--bits", "w8a8",
+            "--json", "--device", "cpu"]
     assert main([*argv, "--tracks", "3"]) == 0                  # the build's cost only
     capsys.readouterr()
-    r = json.loads((tmp_path / "cpu" / "smollm2-135m" / "rtn-w8a8.json").read_text())
+    r = json.loads((tmp_path / "cpu" / "tiny-llama" / "rtn-w8a8.json").read_text())
     assert r["tracks_done"] == [3] and "wikitext2" not in r and "infer" not in r and r["quantization"]["cost"]
     assert main([*argv, "--tracks", "2,3"]) == 0
     err = capsys.readouterr().err
     assert "tracks 2" in err and "estimated" in err              # the plan, printed before the work
-    r = json.loads((tmp_path / "cpu" / "smollm2-135m" / "rtn-w8a8.json").read_text())
-    assert r["tracks_done"] == [2, 3] and r["infer"]["slmq_infer"] > 100
+    r = json.loads((tmp_path / "cpu" / "tiny-llama" / "rtn-w8a8.json").read_text())
+    assert r["tracks_done"] == [2, 3] and r["infer"]["slmq_infer"] > 0          # the score of a tiny model
     # --force measures the requested track again and keeps the others
     r["infer"]["kept"] = True
-    (tmp_path / "cpu" / "smollm2-135m" / "rtn-w8a8.json").write_text(json.dumps(r))
+    (tmp_path / "cpu" / "tiny-llama" / "rtn-w8a8.json").write_text(json.dumps(r))
     assert main([*argv, "--tracks", "1", "--force"]) == 0
-    r = json.loads((tmp_path / "cpu" / "smollm2-135m" / "rtn-w8a8.json").read_text())
+    r = json.loads((tmp_path / "cpu" / "tiny-llama" / "rtn-w8a8.json").read_text())
     assert r["tracks_done"] == [1, 2, 3] and r["infer"]["kept"] and r["wikitext2"]["n_windows"] == 1
 
 
