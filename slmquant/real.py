@@ -313,7 +313,7 @@ def to_real(model: nn.Module, kernel: str | None = None, embeddings: str = "floa
     """Replace every QLinear of a quantized cell (in place) by a RealLinear and round what stays in
     floating point (embeddings, norms, an untied LM head) through float16, the storage format; with
     embeddings="int8", the token embeddings become int8 rows and a tied LM head shares them."""
-    from .arch import arch_map, set_submodule
+    from .arch import set_submodule
     if embeddings not in EMBEDDINGS:
         raise SlmquantError(f"embeddings {embeddings!r}: choose from {', '.join(EMBEDDINGS)}")
     names = [n for n, m in model.named_modules() if isinstance(m, QLinear) and m.w_spec is not None]
@@ -323,17 +323,27 @@ def to_real(model: nn.Module, kernel: str | None = None, embeddings: str = "floa
         set_submodule(model, name, RealLinear.from_qlinear(model.get_submodule(name), kernel))
     for p in model.parameters():
         p.copy_(p.to(torch.float16).to(p.dtype))
+    model.slmquant_real = {"embeddings": "float16", "kernels": kernel_paths(model)}
+    return int8_embeddings_(model) if embeddings == "int8" else model
+
+
+@torch.no_grad()
+def int8_embeddings_(model: nn.Module) -> nn.Module:
+    """A real model with float16 embeddings (to_real's default) given int8 token embeddings, in place:
+    int8 rows, a tied LM head sharing them, an untied head as an int8 per-channel linear."""
+    from .arch import arch_map, set_submodule
+    if getattr(model, "slmquant_real", {}).get("embeddings") != "float16":
+        raise SlmquantError("int8 embeddings are made from a real model with float16 embeddings (to_real)")
     amap = arch_map(model)
-    if embeddings == "int8":
-        emb = Int8Embedding.from_embedding(model.get_submodule(amap.embed))
-        set_submodule(model, amap.embed, emb)
-        if model.config.tie_word_embeddings:
-            set_submodule(model, amap.lm_head, Int8TiedHead(emb))
-        else:
-            head = model.get_submodule(amap.lm_head)
-            q = QLinear.from_linear(head, QSpec(8, True, "channel"), None)
-            set_submodule(model, amap.lm_head, RealLinear.from_qlinear(q, "dequant"))
-    model.slmquant_real = {"embeddings": embeddings, "kernels": kernel_paths(model)}
+    emb = Int8Embedding.from_embedding(model.get_submodule(amap.embed))
+    set_submodule(model, amap.embed, emb)
+    if model.config.tie_word_embeddings:
+        set_submodule(model, amap.lm_head, Int8TiedHead(emb))
+    else:
+        head = model.get_submodule(amap.lm_head)
+        q = QLinear.from_linear(head, QSpec(8, True, "channel"), None)
+        set_submodule(model, amap.lm_head, RealLinear.from_qlinear(q, "dequant"))
+    model.slmquant_real = {"embeddings": "int8", "kernels": kernel_paths(model)}
     return model
 
 

@@ -15,7 +15,8 @@ from slmquant.methods import make_config, quantize
 from slmquant.models import SUPPORTED_ARCHS, tiny_model
 from slmquant.quant import QLinear, QSpec, fake_quant
 from slmquant.codes import grid_of, pack4, unpack4
-from slmquant.real import RealLinear, _has_vnni, kernel_paths, load_real, save_real, storage, to_real
+from slmquant.real import (RealLinear, _has_vnni, int8_embeddings_, kernel_paths, load_real, save_real, storage,
+                           to_real)
 
 # integer kernels, exact against the fake-quantized layers of every method: selected by `-m <bits>`
 pytestmark = [pytest.mark.w8a8, pytest.mark.w4a8, pytest.mark.w4a16]
@@ -234,6 +235,10 @@ def test_int8_embeddings_share_the_tied_head_and_shrink_storage(tmp_path):
     again, _ = load_real(tmp_path)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, out)
+        # the same model made in two steps (track 2's tests): float16 embeddings, then int8 ones
+        assert torch.equal(int8_embeddings_(to_real(copy.deepcopy(model)))(ids).logits, out)
+    with pytest.raises(SlmquantError, match="float16 embeddings"):
+        int8_embeddings_(real)                                          # already int8
 
 
 def test_storage_counts_tied_weights_once():
