@@ -166,15 +166,22 @@ def float_models():
 
 
 @pytest.fixture(scope="session")
-def float_ref(float_models):
-    """(alias, tier) -> tests.gates.FloatReference: the float model scored once per session."""
+def float_ref(float_models, tmp_path_factory):
+    """(alias, tier) -> tests.gates.FloatReference: the float model scored once per session, by the
+    first xdist worker that needs it; the others read its file in the session's shared temporary
+    folder (0.8 GB for SmolLM2 on the default tier, gone with the session's other temporaries)."""
     from tests.gates import FloatReference
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent                  # basetemp/popen-gwN: the parent is the session's
     cache = {}
 
     def get(alias, tier):
         key = (alias, tier.name)
         if key not in cache:
-            cache[key] = FloatReference(*float_models(alias), tier)
+            model, tok = float_models(alias)
+            store = shared / f"float-ref-{alias}-{tier.name}-{model.slmquant_source.key}-t{torch.get_num_threads()}.pt"
+            cache[key] = FloatReference(model, tok, tier, store=store)
         return cache[key]
     return get
 

@@ -7,11 +7,13 @@ a model usually means the quantizer did not run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from slmquant import evaluate
 from slmquant.cells import Cell
+from slmquant.files import atomic_path
 
 SUSPICIOUS = 0.995          # ppl_ratio below this: a suspicious improvement
 NOOP_KL = 1e-4              # KL from float below this (every default cell measures >= 0.008): nothing ran
@@ -278,12 +280,29 @@ class FloatReference:
     (float16: 0.8 GB for 16 x 512 SmolLM2 positions; the rounding moves a cell's KL by under 0.1%,
     the same in the baseline and in every run), and the scoring of a quantized model against them."""
 
-    def __init__(self, model, tok, tier, start: int = 0):
+    def __init__(self, model, tok, tier, start: int = 0, store: Path | None = None):
         """start: the first token of the windows (e.g. 40 x 2048 for windows held out from the quick
-        profile's judged subset)."""
+        profile's judged subset). store: a file the processes of one pytest session share (the xdist
+        workers), so that the first computes the reference and the others read it."""
         self.tier, self.tokens = tier, evaluate.wikitext2_tokens(tok)[start:]
+        if store is None:
+            self._compute(model)
+            return
+        from filelock import FileLock
+        with FileLock(str(store) + ".lock"):
+            if store.is_file():
+                saved = torch.load(store, weights_only=True, mmap=True)
+                self.result = evaluate.PPLResult(**saved["result"])
+                self.logprobs = dict(enumerate(saved["logprobs"]))
+                return
+            self._compute(model)
+            with atomic_path(store) as tmp:
+                torch.save({"result": self.result.to_dict(),
+                            "logprobs": torch.stack([self.logprobs[i] for i in range(len(self.logprobs))])}, tmp)
+
+    def _compute(self, model) -> None:
         keep = _KeepLogProbs(model)                 # from the same forward passes as the perplexity
-        self.result = evaluate.perplexity(keep, self.tokens, seqlen=tier.seqlen, limit=tier.windows,
+        self.result = evaluate.perplexity(keep, self.tokens, seqlen=self.tier.seqlen, limit=self.tier.windows,
                                           progress=False)
         self.logprobs = dict(enumerate(keep.logprobs))
 

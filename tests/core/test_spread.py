@@ -60,3 +60,18 @@ def test_float_reference_keeps_the_log_probabilities_of_its_own_pass():
     want = sum(F.kl_div(lg[0].log_softmax(-1), ref.logprobs[i].float().log_softmax(-1), log_target=True,
                         reduction="sum").item() for i, _, lg in evaluate.window_logits(other, ref.tokens, 64, range(3)))
     assert got["kl"] == pytest.approx(want / (3 * 64), rel=1e-6) and got["ppl_ratio"] != 1.0
+
+
+def test_a_stored_float_reference_scores_as_the_computed_one(tmp_path):
+    """The xdist workers of one session share the float reference through a file: the worker that
+    reads it scores a model exactly as the worker that computed it, without a forward pass."""
+    from slmquant.models import tiny_model
+    from tests.gates import FloatReference
+    from tests.matrix import Tier
+    model, tok = tiny_model("llama", seed=0)
+    other, _ = tiny_model("llama", seed=1)
+    tier, store = Tier("t", ("tiny:llama",), 64, 3, None, True), tmp_path / "ref.pt"
+    first = FloatReference(model, tok, tier, store=store)
+    assert store.is_file()
+    read = FloatReference(None, tok, tier, store=store)              # no model: read, never computed
+    assert read.result == first.result and read.score(other) == first.score(other)
