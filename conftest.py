@@ -166,21 +166,24 @@ def float_models():
 
 
 @pytest.fixture(scope="session")
-def float_ref(float_models, tmp_path_factory):
+def float_ref(float_models, tmp_path_factory, request):
     """(alias, tier) -> tests.gates.FloatReference: the float model scored once per session, by the
     first xdist worker that needs it; the others read its file in the session's shared temporary
-    folder (0.8 GB for SmolLM2 on the default tier, gone with the session's other temporaries)."""
+    folder (0.8 GB for SmolLM2 on the default tier). Each worker removes the file when it finishes:
+    a worker that has read it keeps its mapping, and one that needs it later computes it again."""
     from tests.gates import FloatReference
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent                  # basetemp/popen-gwN: the parent is the session's
-    cache = {}
+    cache, stores = {}, []
+    request.addfinalizer(lambda: [s.unlink(missing_ok=True) for s in stores])
 
     def get(alias, tier):
         key = (alias, tier.name)
         if key not in cache:
             model, tok = float_models(alias)
             store = shared / f"float-ref-{alias}-{tier.name}-{model.slmquant_source.key}-t{torch.get_num_threads()}.pt"
+            stores.append(store)
             cache[key] = FloatReference(model, tok, tier, store=store)
         return cache[key]
     return get
