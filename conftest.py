@@ -176,7 +176,11 @@ def float_ref(float_models, tmp_path_factory, request):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent                  # basetemp/popen-gwN: the parent is the session's
     cache, stores = {}, []
-    request.addfinalizer(lambda: [s.unlink(missing_ok=True) for s in stores])
+
+    def remove_stores():
+        for store in stores:
+            store.unlink(missing_ok=True)
+    request.addfinalizer(remove_stores)
 
     def get(alias, tier):
         key = (alias, tier.name)

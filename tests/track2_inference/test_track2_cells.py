@@ -59,8 +59,8 @@ def _ceiling(cell, embeddings: str, fmodel, real) -> float:
 @pytest.mark.parametrize("cell", cases(DEFAULT))
 def test_real_cell_storage_and_numerics(cell, quantized, float_models, float_ref):
     """Storage within the ceiling of the cell's bits with float16 embeddings, and (per-channel grids)
-    with int8 embeddings. Without activation quantization the real model is the fake-quantized cell up to float
-    rounding (W4A16: KL 0.00000, SQNR 67 dB measured). With 8-bit activations any perturbation,
+    with int8 embeddings. Without activation quantization the real model is the fake-quantized cell
+    up to float rounding (W4A16: KL 0.00000, SQNR 67 dB measured). With 8-bit activations any perturbation,
     even the float16 rounding of the embeddings (5e-4 relative) or a different summation order,
     flips per-token rounding decisions at SmolLM2's outlier tokens: measured on this tier, rounding
     the embeddings alone moved the fake RTN W8A8 perplexity by +2.9%, and the real model's KL to its
