@@ -78,16 +78,23 @@ def window_logits(model, tokens: torch.Tensor, seqlen: int, indices: list[int]):
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | str | None = None,
                sample_seed: int | None = None, batch_size: int = 1, progress: bool = True,
-               reference=None, sqnr: bool = True) -> PPLResult:
+               reference=None, sqnr: bool = True, stop_kl: float | None = None) -> PPLResult:
     """Perplexity of `model` on `tokens` (1-D) cut into windows of `seqlen`.
 
     reference: optional callable(window index) -> float logits of a reference model on that window;
     then the result's `extra` holds the mean KL(reference || model) and, with sqnr, the logit SQNR
     (dB): two float64 passes over every logit, a seventh of a SmolLM2 scoring at one thread, that a
-    caller gating on the KL alone can leave out (the KL is the same either way)."""
+    caller gating on the KL alone can leave out (the KL is the same either way).
+
+    stop_kl (with reference): stop after the first window at which the KL summed so far, divided by
+    the positions of every window asked for, exceeds it. KL is not negative at any position, so that
+    quotient is a lower bound on the mean KL of all the windows: `extra["kl"]` is then that lower
+    bound, `extra["stopped"]` True, and the perplexity and `window_nll` cover the windows scored."""
     n_total = tokens.numel() // seqlen
     if n_total == 0:
         raise SlmquantError(f"{tokens.numel()} tokens make no window of {seqlen}")
+    if stop_kl is not None and reference is None:
+        raise SlmquantError("stop_kl needs a reference model to measure the KL against")
     indices, label = select_windows(n_total, limit, sample_seed)
     device = next(model.parameters()).device
     nll, count, window_nll = torch.zeros((), dtype=torch.float64), 0, []
@@ -97,8 +104,9 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | s
         chunk = indices[b:b + batch_size]
         ids = torch.stack([tokens[i * seqlen:(i + 1) * seqlen] for i in chunk]).to(device)   # (B, T)
         logits = model(ids, use_cache=False).logits.float()                                   # (B, T, V)
+        logp = logits.log_softmax(-1)         # once, for the NLL and the KL (F.cross_entropy's own step)
         # token-level NLL of tokens 1..T-1 given their prefixes: -log softmax(logits)[next token]
-        tok_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        tok_nll = F.nll_loss(logp[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
         per_window = tok_nll.double().view(len(chunk), -1).sum(1).cpu()
         window_nll += per_window.tolist()
         nll += per_window.sum()
@@ -109,16 +117,18 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | s
                 if sqnr:
                     sig += ref.double().pow(2).sum().item()
                     noise += (ref - logits[j]).double().pow(2).sum().item()
-                window_kl.append(F.kl_div(logits[j].log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                window_kl.append(F.kl_div(logp[j], ref.log_softmax(-1), log_target=True,
                                           reduction="sum").item())
                 kl += window_kl[-1]
         bar.update(len(chunk))
+        if stop_kl is not None and kl / (len(indices) * seqlen) > stop_kl:
+            break
     bar.close()
-    res = PPLResult(float(torch.exp(nll / count)), float(nll), count, len(indices), seqlen, label,
+    res = PPLResult(float(torch.exp(nll / count)), float(nll), count, len(window_nll), seqlen, label,
                     window_nll=window_nll)
     if reference is not None:
-        n_pos = len(indices) * seqlen
-        res.extra = {"kl": kl / n_pos, "window_kl": window_kl}
+        res.extra = {"kl": kl / (len(indices) * seqlen), "window_kl": window_kl,
+                     **({"stopped": True} if len(window_nll) < len(indices) else {})}
         if sqnr:
             res.extra["sqnr_db"] = 10 * torch.log10(torch.tensor(sig / max(noise, 1e-30))).item()
     return res

@@ -98,7 +98,11 @@ class GateFailure:
 
 
 def check_default(cell: Cell, metrics: dict, recorded: dict | None) -> list[GateFailure]:
-    """The default-tier gates a cell fails. recorded: the baseline's metrics (None: not recorded)."""
+    """The default-tier gates a cell fails. recorded: the baseline's metrics (None: not recorded).
+    Metrics marked `partial` (scoring stopped early, `FloatReference.score`) hold lower bounds of the
+    KL and the damage ratio: only the failures those prove (more damage than allowed) are reported."""
+    if metrics.get("partial"):
+        return _check_lower_bounds(cell, metrics, recorded)
     out = []
     if metrics["ppl_ratio"] < SUSPICIOUS:
         out.append(GateFailure(cell.id, "suspicious", "ppl_ratio", metrics["ppl_ratio"],
@@ -124,6 +128,41 @@ def check_default(cell: Cell, metrics: dict, recorded: dict | None) -> list[Gate
             note = ("more damage than recorded" if value > expected else
                     "less damage than recorded: if intended, re-record (docs/gate_bands.md)")
             out.append(GateFailure(cell.id, gate, stat, value, expected, b[stat], note))
+    return out
+
+
+def damage_ceiling(cell: Cell, recorded: dict, twin_kl: float | None, gates: frozenset) -> float | None:
+    """The smallest KL of `cell` that makes one of `gates` ("damage", "vs_rtn") fail, given its
+    recorded baseline and its RTN twin's KL measured in this run (None: none of them has a ceiling)."""
+    b = bands(cell.id)
+    if b is None:
+        return None
+    out = []
+    if "damage" in gates and "kl" in recorded:
+        out.append(recorded["kl"] * (1 + b["kl"]))
+    if "vs_rtn" in gates and twin_kl is not None:
+        if (cell.method, cell.cfg.scheme) in BEATS_RTN:
+            out.append(twin_kl * (1 - b["damage_ratio"]))
+        if "damage_ratio" in recorded:
+            out.append(twin_kl * recorded["damage_ratio"] * (1 + b["damage_ratio"]))
+    return min(out) if out else None
+
+
+def _check_lower_bounds(cell: Cell, metrics: dict, recorded: dict | None) -> list[GateFailure]:
+    """check_default's failures that lower bounds of the KL and the damage ratio prove."""
+    b, out = bands(cell.id), []
+    note = f"lower bound after {metrics['n_windows']} windows"
+    if b is None:
+        return out
+    if ((cell.method, cell.cfg.scheme) in BEATS_RTN and "damage_ratio" in metrics
+            and metrics["damage_ratio"] > 1 - b["damage_ratio"]):
+        out.append(GateFailure(cell.id, "vs_rtn", "damage_ratio", metrics["damage_ratio"],
+                               note=f"{note}: {cell.method} must do less damage than RTN here "
+                                    f"(ratio < {1 - b['damage_ratio']:.3f})"))
+    for stat in ("kl", "damage_ratio"):
+        if recorded and stat in recorded and stat in metrics and metrics[stat] > recorded[stat] * (1 + b[stat]):
+            out.append(GateFailure(cell.id, GATE_STATS[stat], stat, metrics[stat], recorded[stat], b[stat],
+                                   f"{note}: more damage than recorded"))
     return out
 
 
@@ -304,10 +343,17 @@ class FloatReference:
                                           progress=False)
         self.logprobs = dict(enumerate(keep.logprobs))
 
-    def score(self, model) -> dict:
-        """KL(float || model) per position and the perplexity ratio, with their per-window sums."""
+    def score(self, model, stop_kl: float | None = None) -> dict:
+        """KL(float || model) per position and the perplexity ratio, with their per-window sums.
+
+        stop_kl: stop scoring once the KL is known to exceed it (`evaluate.perplexity`); the result
+        then holds `kl` as a lower bound on the tier's KL and `partial` True, and no perplexity."""
         r = evaluate.perplexity(model, self.tokens, seqlen=self.tier.seqlen, limit=self.tier.windows,
-                                progress=False, reference=lambda i: self.logprobs[i].float(), sqnr=False)
+                                progress=False, reference=lambda i: self.logprobs[i].float(), sqnr=False,
+                                stop_kl=stop_kl)
+        if r.extra.get("stopped"):
+            return {"kl": r.extra["kl"], "partial": True, "window_kl": r.extra["window_kl"],
+                    "seqlen": self.tier.seqlen, "n_windows": r.n_windows}
         return {"kl": r.extra["kl"], "ppl": r.ppl, "ppl_ratio": r.ppl / self.result.ppl,
                 "window_kl": r.extra["window_kl"], "window_nll": r.window_nll,
                 "float_window_nll": self.result.window_nll, "seqlen": self.tier.seqlen, "n_windows": r.n_windows}

@@ -35,7 +35,13 @@ class Tier:
 # RTN weights, then GPTQ: about 290 s of one worker; its GPTQ-replaced-by-RTN mutation now at W4A8),
 # with RTN W4A16 asymmetric, whose place here was to be the damage-ratio twin of those W4A16 cells
 # (asymmetric weights stay gated through RTN W4A8 asymmetric, OmniQuant's and SpinQuant's twin).
-# Their measured spreads stay in tests/gates.py SPREAD and docs/gate_bands.md.
+# On 2026-12-02 (a cold `.ci/run` took 34 min 44 s, its pytest 33 min 27 s): GPTQ W8A8 (250 s of
+# one worker, the gate cell with its scoring; GPTQ's 8-bit code path still runs in CI inside
+# SpinQuant W8A8's cell, which rebuilds when gptq.py changes, and GPTQ is gated at W4A8 and W4A16),
+# and RTN W4A16 with groups of 64 (53 s; no default cell has it as its RTN twin any more, and group
+# quantization stays tested on tiny models: tests/core/test_cache.py, tests/track2_inference).
+# Their measured spreads stay in tests/gates.py SPREAD and docs/gate_bands.md; GPTQ W8A8's recorded
+# baseline stays too (its slow-tier mutation is judged against it).
 # OmniQuant trains one epoch over the 16 windows (about 100 s a cell): on held-out windows its W4A8
 # damage is 0.72 of RTN's, against 0.84 with no training (docs/omniquant.md).
 # SpinQuant learns its rotations for 8 Cayley steps (one 512-token window each, about 4 s a step):
@@ -50,7 +56,8 @@ DEFAULT = Tier("default", ("smollm2-135m",), 512, 16,
                         ("smoothquant", "w4a8", {"alpha_search": True}),
                         ("smoothquant", "w4a8", {"alpha_search": True, "weights": "gptq"}),
                         ("spinquant", "w4a8", {"learn": False}), ("spinquant", "w4a16", {}),
-                        ("rtn", "w4a16", {"sym": False})))
+                        ("rtn", "w4a16", {"sym": False}), ("gptq", "w8a8", {}),
+                        ("rtn", "w4a16", {"group_size": 64})))
 # Short windows for checks that hold several models' logits at once (track 2: real against fake).
 SHORT = Tier("short", DEFAULT.models, 256, 4, DEFAULT.calib, True)
 # Track 1 tasks on tiny random models (default tier): every suite row quantizes a 2-layer llama in

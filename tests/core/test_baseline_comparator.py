@@ -128,6 +128,28 @@ def test_each_gate_reports_its_own_statistic(monkeypatch):
     assert [f.gate for f in gates.check_default(unmeasured, {"kl": 0.1, "ppl_ratio": 1.0}, None)] == ["band"]
 
 
+def test_lower_bounds_report_only_the_failures_they_prove(monkeypatch):
+    """A mutation's scoring stops once its KL provably exceeds the smallest ceiling of the gates meant
+    to see it (gates.damage_ceiling); the partial metrics (lower bounds) fail those gates and no
+    gate that a lower bound cannot decide (suspicious, ppl, a value below its band)."""
+    from tests import gates
+    cell = _gate_cell()
+    monkeypatch.setitem(gates.SPREAD, cell.id, {"kl": 0.02, "damage_ratio": 0.02, "ppl_ratio": 0.001})
+    rec = {"kl": 0.5, "damage_ratio": 0.6, "ppl_ratio": 1.6}
+    twin = rec["kl"] / rec["damage_ratio"]
+    assert gates.damage_ceiling(cell, rec, twin, frozenset({"damage"})) == 0.5 * 1.04
+    assert gates.damage_ceiling(cell, rec, twin, frozenset({"vs_rtn"})) == twin * 0.6 * 1.04
+    assert gates.damage_ceiling(cell, rec, None, frozenset({"vs_rtn"})) is None
+    lower = 0.5 * 1.04 * 1.001
+    moved = gates.check_default(cell, {"kl": lower, "damage_ratio": lower / twin, "partial": True, "n_windows": 5},
+                                rec)
+    assert {f.gate for f in moved} == {"damage", "vs_rtn"} and "lower bound after 5 windows" in str(moved[0])
+    small = {"kl": 0.01, "damage_ratio": 0.01 / twin, "partial": True, "n_windows": 1}
+    assert gates.check_default(cell, small, rec) == []         # a low lower bound proves nothing
+    rtn_like = {"kl": 0.99 * twin, "damage_ratio": 0.99, "partial": True, "n_windows": 9}
+    assert {f.gate for f in gates.check_default(cell, rtn_like, None)} == {"vs_rtn"}   # must beat RTN
+
+
 def test_known_failures_excuse_one_gate_only(monkeypatch):
     import pytest as pt
 

@@ -194,6 +194,8 @@ def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate
     assert rec is not None, f"no recorded baseline for {cell.id}"
     twin = None if cell.method == "rtn" else gate_metrics(gates.rtn_twin(cell))["kl"]   # unmutated
     model, tok = float_models(cell.model)
+    # scoring stops as soon as the KL summed so far proves that a gate meant to see the mutation fails
+    ceiling = gates.damage_ceiling(cell, rec["metrics"], twin, mutation.gates)
 
     def measure() -> dict:
         get_method(cell.method)               # registry loaded before the no-op replaces its entries
@@ -211,12 +213,13 @@ def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate
         try:
             torch.manual_seed(0)
             broken, _ = build(cell, model, tok)
-            return float_ref(cell.model, DEFAULT).score(broken)
+            return float_ref(cell.model, DEFAULT).score(broken, stop_kl=ceiling)
         finally:
             monkeypatch.undo()
     # the mutation, and this file (how a mutated cell is built and scored)
     source = hashlib.sha256(inspect.getsource(mutation.apply).encode() + Path(__file__).read_bytes()).hexdigest()[:16]
-    key = f"{cell.key(model.slmquant_source.key)}|mutation={mutation.name}:{source}|ref={float_key(model)}"
+    key = (f"{cell.key(model.slmquant_source.key)}|mutation={mutation.name}:{source}|ref={float_key(model)}"
+           f"|stop={ceiling!r}")
     m = dict(MeasureCache().scores("mutation", key, evaluate.wikitext2_tokens(tok), DEFAULT.seqlen,
                                    DEFAULT.windows, measure, code=gates.gate_code_hash()))
     if twin is not None:

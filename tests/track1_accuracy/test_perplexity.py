@@ -80,6 +80,30 @@ def test_kl_without_sqnr_is_the_same_kl():
     assert lean.nll_sum == full.nll_sum
 
 
+def test_stop_kl_gives_a_lower_bound_of_the_kl():
+    """Scoring stopped early (the mutation battery's shortcut) reports the KL summed over the windows
+    scored divided by every window's positions: never above the full KL, and above stop_kl."""
+    model, _ = tiny_model("llama", seed=0)
+    other, _ = tiny_model("llama", seed=1)
+    ids = torch.randint(0, 1000, (6 * 32,))
+
+    def ref(i):
+        with torch.no_grad():
+            return other(ids[i * 32:(i + 1) * 32][None]).logits[0].float()
+    full = evaluate.perplexity(model, ids, seqlen=32, progress=False, reference=ref, sqnr=False)
+    w = full.extra["window_kl"]
+    stop = (w[0] + w[1] + w[2] / 2) / (6 * 32)                # passed within the third window
+    part = evaluate.perplexity(model, ids, seqlen=32, progress=False, reference=ref, sqnr=False, stop_kl=stop)
+    assert part.extra["stopped"] and part.n_windows == 3 and part.extra["window_kl"] == w[:3]
+    assert stop < part.extra["kl"] == sum(w[:3]) / (6 * 32) < full.extra["kl"]
+    assert part.window_nll == full.window_nll[:3]
+    never = evaluate.perplexity(model, ids, seqlen=32, progress=False, reference=ref, sqnr=False,
+                                stop_kl=full.extra["kl"])
+    assert "stopped" not in never.extra and never.extra["kl"] == full.extra["kl"] and never.ppl == full.ppl
+    with pytest.raises(SlmquantError, match="reference"):
+        evaluate.perplexity(model, ids, seqlen=32, progress=False, stop_kl=0.1)
+
+
 def test_window_nll_gives_the_perplexity_of_a_prefix():
     model, tok = tiny_model("llama", seed=0)
     ids = torch.randint(0, 1000, (5 * 32,))
