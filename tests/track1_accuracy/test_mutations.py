@@ -1,7 +1,12 @@
 """The mutation battery: each mutation removes a method's benefit (or breaks quantization) while
 leaving plausible numbers, and must turn the default tier's gate red through the gate meant to see
 it. A mutated cell is built outside the cell cache and scored exactly as test_cell_gate scores a
-cell, against the recorded baseline of that cell; the test checks which gate reported it.
+cell, against the recorded baseline of that cell; the test checks which gate reported it. Its
+scoring stops at the first window after which the KL summed so far, over all the tier's positions,
+exceeds the smallest ceiling of the gates meant to see it (`gates.damage_ceiling`): KL is not
+negative at any position, so that partial sum is a lower bound of the cell's KL, and the gate's
+failure is proven (`gates.check_default` reports only what lower bounds prove). A mutation that
+lowers the damage or stays under its ceilings is scored on every window.
 
 CI (`.ci/run`) runs the battery with the default tier: for each method at least two mutations, and
 the no-op and flooring on RTN. Four more are marked `slow` and run with `--runslow`: three repeat a
