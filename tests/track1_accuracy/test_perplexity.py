@@ -64,15 +64,21 @@ def _ref(model, tokens, i):
         return model(tokens[i * 256:(i + 1) * 256][None]).logits[0].float()
 
 
-def test_kl_without_sqnr_is_the_same_kl():
-    """The gate leaves the SQNR out (sqnr=False): the KL must not change by a bit."""
+def _model_and_reference(n_windows: int):
+    """A tiny llama, random token ids of n_windows x 32, and another tiny llama's logits per window."""
     model, _ = tiny_model("llama", seed=0)
     other, _ = tiny_model("llama", seed=1)
-    ids = torch.randint(0, 1000, (3 * 32,))
+    ids = torch.randint(0, 1000, (n_windows * 32,))
 
     def ref(i):
         with torch.no_grad():
             return other(ids[i * 32:(i + 1) * 32][None]).logits[0].float()
+    return model, ids, ref
+
+
+def test_kl_without_sqnr_is_the_same_kl():
+    """The gate leaves the SQNR out (sqnr=False): the KL must not change by a bit."""
+    model, ids, ref = _model_and_reference(3)
     full = evaluate.perplexity(model, ids, seqlen=32, progress=False, reference=ref)
     lean = evaluate.perplexity(model, ids, seqlen=32, progress=False, reference=ref, sqnr=False)
     assert "sqnr_db" in full.extra and "sqnr_db" not in lean.extra and full.extra["kl"] > 0
@@ -83,13 +89,7 @@ def test_kl_without_sqnr_is_the_same_kl():
 def test_stop_kl_gives_a_lower_bound_of_the_kl():
     """Scoring stopped early (the mutation battery's shortcut) reports the KL summed over the windows
     scored divided by every window's positions: never above the full KL, and above stop_kl."""
-    model, _ = tiny_model("llama", seed=0)
-    other, _ = tiny_model("llama", seed=1)
-    ids = torch.randint(0, 1000, (6 * 32,))
-
-    def ref(i):
-        with torch.no_grad():
-            return other(ids[i * 32:(i + 1) * 32][None]).logits[0].float()
+    model, ids, ref = _model_and_reference(6)
     full = evaluate.perplexity(model, ids, seqlen=32, progress=False, reference=ref, sqnr=False)
     w = full.extra["window_kl"]
     stop = (w[0] + w[1] + w[2] / 2) / (6 * 32)                # passed within the third window
