@@ -133,7 +133,9 @@ def check_default(cell: Cell, metrics: dict, recorded: dict | None) -> list[Gate
 
 def damage_ceiling(cell: Cell, recorded: dict, twin_kl: float | None, gates: frozenset) -> float | None:
     """The smallest KL of `cell` that makes one of `gates` ("damage", "vs_rtn") fail, given its
-    recorded baseline and its RTN twin's KL measured in this run (None: none of them has a ceiling)."""
+    recorded baseline and its RTN twin's KL measured in this run (None: none of them has a ceiling),
+    raised by a relative 1e-9: the gates compare a quotient (value / recorded, KL / twin's KL), and a
+    KL just over the product could round to a quotient on the band's edge."""
     b = bands(cell.id)
     if b is None:
         return None
@@ -145,7 +147,7 @@ def damage_ceiling(cell: Cell, recorded: dict, twin_kl: float | None, gates: fro
             out.append(twin_kl * (1 - b["damage_ratio"]))
         if "damage_ratio" in recorded:
             out.append(twin_kl * recorded["damage_ratio"] * (1 + b["damage_ratio"]))
-    return min(out) if out else None
+    return min(out) * (1 + 1e-9) if out else None
 
 
 def _check_lower_bounds(cell: Cell, metrics: dict, recorded: dict | None) -> list[GateFailure]:
@@ -160,7 +162,7 @@ def _check_lower_bounds(cell: Cell, metrics: dict, recorded: dict | None) -> lis
                                note=f"{note}: {cell.method} must do less damage than RTN here "
                                     f"(ratio < {1 - b['damage_ratio']:.3f})"))
     for stat in ("kl", "damage_ratio"):
-        if recorded and stat in recorded and stat in metrics and metrics[stat] > recorded[stat] * (1 + b[stat]):
+        if recorded and stat in recorded and stat in metrics and metrics[stat] / recorded[stat] - 1 > b[stat]:
             out.append(GateFailure(cell.id, GATE_STATS[stat], stat, metrics[stat], recorded[stat], b[stat],
                                    f"{note}: more damage than recorded"))
     return out

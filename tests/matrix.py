@@ -21,6 +21,7 @@ class Tier:
     logits: bool              # also gate the logit error (SQNR, KL) against float
     marks: tuple = ()
     exclude: tuple = ()       # (method, bits, settings) suite rows this tier leaves to the slow tier
+    slow: tuple = ()          # rows this tier runs only with --runslow (their baselines kept current)
     groups: bool = True       # False: leave out every suite row with a group_size
 
 
@@ -40,8 +41,9 @@ class Tier:
 # SpinQuant W8A8's cell, which rebuilds when gptq.py changes, and GPTQ is gated at W4A8 and W4A16),
 # and RTN W4A16 with groups of 64 (53 s; no default cell has it as its RTN twin any more, and group
 # quantization stays tested on tiny models: tests/core/test_cache.py, tests/track2_inference).
-# Their measured spreads stay in tests/gates.py SPREAD and docs/gate_bands.md; GPTQ W8A8's recorded
-# baseline stays too (its slow-tier mutation is judged against it).
+# These two stay default-tier cells marked slow (`slow` below): `--runslow` gates them and
+# `--runslow -k test_cell_gate --snapshot-update` keeps their baselines current (GPTQ W8A8's slow
+# mutation is judged against its baseline). Their measured spreads stay in tests/gates.py SPREAD.
 # OmniQuant trains one epoch over the 16 windows (about 100 s a cell): on held-out windows its W4A8
 # damage is 0.72 of RTN's, against 0.84 with no training (docs/omniquant.md).
 # SpinQuant learns its rotations for 8 Cayley steps (one 512-token window each, about 4 s a step):
@@ -56,8 +58,8 @@ DEFAULT = Tier("default", ("smollm2-135m",), 512, 16,
                         ("smoothquant", "w4a8", {"alpha_search": True}),
                         ("smoothquant", "w4a8", {"alpha_search": True, "weights": "gptq"}),
                         ("spinquant", "w4a8", {"learn": False}), ("spinquant", "w4a16", {}),
-                        ("rtn", "w4a16", {"sym": False}), ("gptq", "w8a8", {}),
-                        ("rtn", "w4a16", {"group_size": 64})))
+                        ("rtn", "w4a16", {"sym": False})),
+               slow=(("gptq", "w8a8", {}), ("rtn", "w4a16", {"group_size": 64})))
 # Short windows for checks that hold several models' logits at once (track 2: real against fake).
 SHORT = Tier("short", DEFAULT.models, 256, 4, DEFAULT.calib, True)
 # Track 1 tasks on tiny random models (default tier): every suite row quantizes a 2-layer llama in
@@ -93,6 +95,6 @@ def cases(tier: Tier) -> list:
                 # cell's build lock (up to 3 minutes each at OmniQuant's cells, measured)
                 marks = [getattr(pytest.mark, bits), getattr(pytest.mark, name),
                          getattr(pytest.mark, SHORT_NAMES.get(model, "tiny")), *tier.marks,
-                         pytest.mark.xdist_group(cell.id)]
+                         pytest.mark.xdist_group(cell.id)] + [pytest.mark.slow] * ((name, bits, settings) in tier.slow)
                 out.append(pytest.param(cell, marks=marks, id=cell.id))
     return out

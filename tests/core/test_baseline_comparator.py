@@ -1,5 +1,8 @@
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tests.baseline import BaselineExtension, _round, compare
 
 BASE = {"metrics": {"ppl": 20.0, "ppl_ratio": 1.03, "sqnr_db": 20.0, "kl": 0.04}, "source": "x.gguf"}
@@ -137,8 +140,8 @@ def test_lower_bounds_report_only_the_failures_they_prove(monkeypatch):
     monkeypatch.setitem(gates.SPREAD, cell.id, {"kl": 0.02, "damage_ratio": 0.02, "ppl_ratio": 0.001})
     rec = {"kl": 0.5, "damage_ratio": 0.6, "ppl_ratio": 1.6}
     twin = rec["kl"] / rec["damage_ratio"]
-    assert gates.damage_ceiling(cell, rec, twin, frozenset({"damage"})) == 0.5 * 1.04
-    assert gates.damage_ceiling(cell, rec, twin, frozenset({"vs_rtn"})) == twin * 0.6 * 1.04
+    assert gates.damage_ceiling(cell, rec, twin, frozenset({"damage"})) == 0.5 * 1.04 * (1 + 1e-9)
+    assert gates.damage_ceiling(cell, rec, twin, frozenset({"vs_rtn"})) == twin * 0.6 * 1.04 * (1 + 1e-9)
     assert gates.damage_ceiling(cell, rec, None, frozenset({"vs_rtn"})) is None
     lower = 0.5 * 1.04 * 1.001
     moved = gates.check_default(cell, {"kl": lower, "damage_ratio": lower / twin, "partial": True, "n_windows": 5},
@@ -146,8 +149,33 @@ def test_lower_bounds_report_only_the_failures_they_prove(monkeypatch):
     assert {f.gate for f in moved} == {"damage", "vs_rtn"} and "lower bound after 5 windows" in str(moved[0])
     small = {"kl": 0.01, "damage_ratio": 0.01 / twin, "partial": True, "n_windows": 1}
     assert gates.check_default(cell, small, rec) == []         # a low lower bound proves nothing
+    worse = {"kl": 0.9, "damage_ratio": 0.95}             # recorded worse than RTN: must-beat-RTN is the min
+    assert gates.damage_ceiling(cell, worse, 1.0, frozenset({"vs_rtn"})) == 0.96 * (1 + 1e-9)
     rtn_like = {"kl": 0.99 * twin, "damage_ratio": 0.99, "partial": True, "n_windows": 9}
     assert {f.gate for f in gates.check_default(cell, rtn_like, None)} == {"vs_rtn"}   # must beat RTN
+
+
+@settings(max_examples=300, deadline=None)
+@given(kl=st.floats(1e-4, 3.0), ratio=st.floats(0.02, 2.0), spread=st.floats(0.0, 0.2),
+       which=st.sampled_from([("damage",), ("vs_rtn",), ("damage", "vs_rtn")]),
+       method=st.sampled_from(["gptq", "smoothquant"]))
+def test_a_kl_at_the_ceiling_fails_a_gate_it_names(kl, ratio, spread, which, method):
+    """Whatever the recorded values and bands: a lower bound that reached damage_ceiling (where the
+    mutation battery stops scoring) fails one of the gates the ceiling was taken over."""
+    from tests import gates
+    cell = _gate_cell(method, "w4a16" if method == "gptq" else "w8a8")   # must beat RTN / need not
+    rec, twin = {"kl": kl, "damage_ratio": ratio}, kl / ratio
+    old = gates.SPREAD.get(cell.id)
+    gates.SPREAD[cell.id] = {"kl": spread, "damage_ratio": spread, "ppl_ratio": 0.0}
+    try:
+        ceiling = gates.damage_ceiling(cell, rec, twin, frozenset(which))
+        m = {"kl": ceiling, "damage_ratio": ceiling / twin, "partial": True, "n_windows": 1}
+        assert {f.gate for f in gates.check_default(cell, m, rec)} & set(which)
+    finally:
+        if old is None:
+            del gates.SPREAD[cell.id]
+        else:
+            gates.SPREAD[cell.id] = old
 
 
 def test_known_failures_excuse_one_gate_only(monkeypatch):
