@@ -87,9 +87,11 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | s
     caller gating on the KL alone can leave out (the KL is the same either way).
 
     stop_kl (with reference): stop after the first window at which the KL summed so far, divided by
-    the positions of every window asked for, exceeds it. KL is not negative at any position, so that
-    quotient is a lower bound on the mean KL of all the windows: `extra["kl"]` is then that lower
-    bound, `extra["stopped"]` True, and the perplexity and `window_nll` cover the windows scored."""
+    the positions of every window asked for, exceeds it. KL is not negative at any position (up to
+    float rounding: the reference is renormalized here, a float16 copy of it sums to 1 only within
+    its rounding), so that quotient is a lower bound on the mean KL of all the windows:
+    `extra["kl"]` is then that lower bound, `extra["stopped"]` True, and the perplexity and
+    `window_nll` cover the windows scored."""
     n_total = tokens.numel() // seqlen
     if n_total == 0:
         raise SlmquantError(f"{tokens.numel()} tokens make no window of {seqlen}")
@@ -120,6 +122,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int = SEQLEN, limit: int | s
                 window_kl.append(F.kl_div(logp[j], ref.log_softmax(-1), log_target=True,
                                           reduction="sum").item())
                 kl += window_kl[-1]
+        del logits, logp                      # not alive through the next window's forward pass
         bar.update(len(chunk))
         if stop_kl is not None and kl / (len(indices) * seqlen) > stop_kl:
             break
