@@ -211,7 +211,6 @@ NOT_RECORDED: dict[str, dict[str, str]] = {
         "qwen2-gptq-w4a8-calib_seqlen=512-sym=False": "about 50 min (GPTQ build, 40 x 2048 scoring)",
         **{f"smollm2-spinquant-{b}-calib_seqlen=512-steps=50": "about 15 min (W4A8 measured: 50 learned steps "
            "4 min, GPTQ 6 min, 40 x 2048 scoring 4 min)" for b in ("w8a8", "w4a8", "w4a16")},
-        "smollm2-spinquant-w4a8-calib_seqlen=512-learn=False-steps=50": "about 11 min (GPTQ build, 40 x 2048 scoring)",
         **{f"qwen2-spinquant-{b}-calib_seqlen=512{s}-steps=50": "about 60 min (learning, GPTQ build, 40 x 2048 "
            "scoring, the float model's 10 more)" for b, s in (("w8a8", ""), ("w4a8", ""), ("w4a16", ""),
                                                                ("w4a8", "-learn=False"))},
