@@ -168,12 +168,15 @@ def _check_lower_bounds(cell: Cell, metrics: dict, recorded: dict | None) -> lis
     return out
 
 
+# OmniQuant's quick-profile settings (slmquant/profiles.py) as its cell ids spell them
+OQ_QUICK = "calib_samples=64-calib_seqlen=512-epochs=2-let_lr=0.02-lwc_lr=0.1"
+
 # Cells that fail a gate today, with the measured reason, keyed by (gate, cell id): a known failure of
 # one gate excuses that gate only. The test turns into a failure when the gate starts passing, so that
 # the entry is removed, not forgotten. Gates: "damage", "vs_rtn", "ppl", "suspicious", "band" (default
 # tier), "quick_ppl" (quick-profile ceilings and targets), "tasks" (task recovery floors).
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("quick_ppl", "smollm2-omniquant-w4a8-calib_samples=64-calib_seqlen=512-epochs=2-let_lr=0.02-lwc_lr=0.1"): (
+    ("quick_ppl", f"smollm2-omniquant-w4a8-{OQ_QUICK}"): (
         "OmniQuant W4A8 on SmolLM2 (quick profile, 64 x 512 x 2 epochs, lwc_lr 0.1, let_lr 0.02): "
         "28.610, x1.404 of float, short of the issue's x1.25; better than RTN with the same asymmetric "
         "weights (x1.882) and SmoothQuant with GPTQ weights (x1.556), tied with GPTQ asym (28.61) "
@@ -195,9 +198,9 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
 # `pytest --runslow -p no:randomly 'TEST[CELL]' --snapshot-update`, then remove the entry.
 NOT_RECORDED: dict[str, dict[str, str]] = {
     "test_cell_quick_profile": {
-        "smollm2-omniquant-w4a16-calib_samples=64-calib_seqlen=512-epochs=2-let_lr=0.02-lwc_lr=0.1":
+        f"smollm2-omniquant-w4a16-{OQ_QUICK}":
             "about 16 min (13 min of training measured at W4A8, 40 x 2048 scoring)",
-        **{f"qwen2-omniquant-{b}-calib_samples=64-calib_seqlen=512-epochs=2-let_lr=0.02-lwc_lr=0.1":
+        **{f"qwen2-omniquant-{b}-{OQ_QUICK}":
            "about 50 min (W4A8 measured: 35 min of training at 2 threads, 11 min scoring, the float "
            "model's 10 more)" for b in ("w8a8", "w4a8", "w4a16")},
         # GPTQ's symmetric cells since its default became the full grid (docs/full_grid.md)
