@@ -37,11 +37,16 @@ class Tier:
 # with RTN W4A16 asymmetric, whose place here was to be the damage-ratio twin of those W4A16 cells
 # (asymmetric weights stay gated through RTN W4A8 asymmetric, OmniQuant's and SpinQuant's twin).
 # On 2026-12-02 (a cold `.ci/run` took 34 min 44 s, its pytest 33 min 27 s): GPTQ W8A8 (250 s of
-# one worker, the gate cell with its scoring; GPTQ's 8-bit code path still runs in CI inside
-# SpinQuant W8A8's cell, which rebuilds when gptq.py changes, and GPTQ is gated at W4A8 and W4A16),
+# one worker, the gate cell with its scoring; GPTQ is gated at W4A8 and W4A16),
 # and RTN W4A16 with groups of 64 (53 s; no default cell has it as its RTN twin any more, and group
 # quantization stays tested on tiny models: tests/core/test_cache.py, tests/track2_inference).
-# These two stay default-tier cells marked slow (`slow` below): `--runslow` gates them and
+# Later on 2026-12-02 (a cold `.ci/run` took 34 min 2 s on another VM, its pytest 32 min 39 s): OmniQuant
+# W8A8 and SpinQuant W8A8 (342 s and 353 s of one worker, the two costliest gate cells, each its
+# build, its scoring and the asymmetric RTN W8A8 twin's). What stays in CI for them: the same methods'
+# W4A8 cells and mutations (the same code but the weights' bit width), every suite row on a tiny
+# llama (tests/track1_accuracy/test_task_cells.py, which also runs GPTQ's 8-bit weights), and
+# SmoothQuant and RTN at W8A8 on the whole model.
+# These four stay default-tier cells marked slow (`slow` below): `--runslow` gates them and
 # `--runslow -k test_cell_gate --snapshot-update` keeps their baselines current (GPTQ W8A8's slow
 # mutation is judged against its baseline). Their measured spreads stay in tests/gates.py SPREAD.
 # OmniQuant trains one epoch over the 16 windows (about 100 s a cell): on held-out windows its W4A8
@@ -59,7 +64,8 @@ DEFAULT = Tier("default", ("smollm2-135m",), 512, 16,
                         ("smoothquant", "w4a8", {"alpha_search": True, "weights": "gptq"}),
                         ("spinquant", "w4a8", {"learn": False}), ("spinquant", "w4a16", {}),
                         ("rtn", "w4a16", {"sym": False})),
-               slow=(("gptq", "w8a8", {}), ("rtn", "w4a16", {"group_size": 64})))
+               slow=(("gptq", "w8a8", {}), ("rtn", "w4a16", {"group_size": 64}),
+                     ("omniquant", "w8a8", {}), ("spinquant", "w8a8", {})))
 # Short windows for checks that hold several models' logits at once (track 2: real against fake).
 SHORT = Tier("short", DEFAULT.models, 256, 4, DEFAULT.calib, True)
 # Track 1 tasks on tiny random models (default tier): every suite row quantizes a 2-layer llama in
