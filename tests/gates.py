@@ -201,8 +201,8 @@ NOT_RECORDED: dict[str, dict[str, str]] = {
         f"smollm2-omniquant-w4a16-{OQ_QUICK}":
             "about 16 min (13 min of training measured at W4A8, 40 x 2048 scoring)",
         **{f"qwen2-omniquant-{b}-{OQ_QUICK}":
-           "about 50 min (W4A8 measured: 35 min of training at 2 threads, 11 min scoring, the float "
-           "model's 10 more)" for b in ("w8a8", "w4a16")},
+           "about 65 min (W4A8 measured at these rates: 47 min of training at 2 threads, 15 min "
+           "scoring, the float model's 12 more)" for b in ("w8a8", "w4a16")},
         # GPTQ's symmetric cells since its default became the full grid (docs/full_grid.md)
         **{f"{m}-gptq-{b}-calib_seqlen=512{g}": cost
            for m, cost in (("smollm2", "about 5 min (GPTQ build, 40 x 2048 scoring)"),
