@@ -49,7 +49,9 @@ class OmniQuantConfig(CalibConfig):
     gqa: "exact" (GQA-aware v -> o) or "llmc" (LLMC's handling, see the module docstring).
     fold_fp16: fold the LET into float16 weights as the reference code does (default float32).
     quant_attn: also round the attention inputs (Q and K after RoPE, V) per (head, token) with the
-    activation spec, in training and in the model, as the reference code does (default off)."""
+    activation spec, in training and in the model, as the reference code does (default off).
+    aug_loss: add the reference's `--aug_loss` term, the MSE to the float block applied to the
+    quantized block's own inputs (default off, as in the reference's W4A8 and W8A8 scripts)."""
     sym: bool = False
     epochs: int = 20
     lwc_lr: float = 1e-2
@@ -61,6 +63,7 @@ class OmniQuantConfig(CalibConfig):
     gqa: str = "exact"
     fold_fp16: bool = False
     quant_attn: bool = False
+    aug_loss: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -186,12 +189,17 @@ def _act_quant_hooks(layer: nn.Module, amap, a_spec):
             for n in amap.linears] if a_spec is not None else []
 
 
-def block_loss(layer, weights, x, kw, target) -> torch.Tensor:
-    return F.mse_loss(functional_call(layer, weights, (x,), kw), target)
+def block_loss(layer, weights, x, kw, target, target_q=None) -> torch.Tensor:
+    """MSE of the block's output to the float block's output on float inputs, plus (aug_loss) the
+    MSE to the float block's output on the same quantized-stream input."""
+    out = functional_call(layer, weights, (x,), kw)
+    loss = F.mse_loss(out, target)
+    return loss if target_q is None else loss + F.mse_loss(out, target_q)
 
 
-def train_block(layer: nn.Module, blk: Block, q_in, kw, target, cfg: OmniQuantConfig) -> dict:
+def train_block(layer: nn.Module, blk: Block, q_in, kw, target, cfg: OmniQuantConfig, target_q=None) -> dict:
     """AdamW on the block's LET and LWC parameters, batch 1, fixed window order (reference).
+    target_q: the aug_loss targets, one per window, or None.
     A non-finite loss or parameter sends the block back to its last finite epoch-end state (or its
     start) and ends its training. Returns {"loss": [mean loss per epoch], "nonfinite": bool}."""
     groups = [g for g in ({"params": blk.let_params(), "lr": cfg.let_lr},
@@ -206,9 +214,9 @@ def train_block(layer: nn.Module, blk: Block, q_in, kw, target, cfg: OmniQuantCo
         with torch.enable_grad():
             for _ in range(cfg.epochs):
                 total = 0.0
-                for x, y in zip(q_in, target):
+                for x, y, y_q in zip(q_in, target, target_q or [None] * len(q_in)):
                     blk.truncate_()
-                    loss = block_loss(layer, blk.weights(), x, kw, y)
+                    loss = block_loss(layer, blk.weights(), x, kw, y, y_q)
                     if not torch.isfinite(loss):
                         break
                     opt.zero_grad(set_to_none=True)
@@ -287,16 +295,20 @@ def omniquant(model: nn.Module, calib: torch.Tensor, cfg: OmniQuantConfig, progr
         kw = state.layer_kwargs[i]
         target, act_max = float_pass(layer, amap, fp_in, kw)
         blk = Block(layer, act_max, cfg, amap, hq)
+        saved = resume / f"block{i}.pt"
+        target_q = None
+        if cfg.aug_loss and not saved.exists():
+            with torch.no_grad():
+                target_q = [layer(x, **kw) for x in q_in]          # the float block, quantized stream
         if cfg.quant_attn:                  # after the float pass: its targets stay float
             attn.install(model, layer.get_submodule(amap.v_o.prev.rpartition(".")[0]), cfg.a_spec)
-        saved = resume / f"block{i}.pt"
         if saved.exists():
             ck = torch.load(saved, weights_only=True)
             blk.load(ck["state"])
             res = ck["result"]
             info["resumed_blocks"] += 1
         else:
-            res = train_block(layer, blk, q_in, kw, target, cfg)
+            res = train_block(layer, blk, q_in, kw, target, cfg, target_q)
             saved.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(saved) as tmp:
                 torch.save({"state": blk.state(), "result": res}, tmp)

@@ -98,6 +98,21 @@ def test_lwc_starts_at_the_reference_clip_and_learns():
     assert res["loss"][-1] < res["loss"][0]
 
 
+def test_aug_loss_targets_the_float_block_on_the_quantized_stream(monkeypatch, tmp_path):
+    """aug_loss adds the MSE to the float block run on the quantized block's own inputs. At block 0
+    those inputs are the float ones, so the loss is twice the plain loss (AdamW is invariant to the
+    loss's scale up to its eps); from block 1 on the quantized stream has drifted and it is not."""
+    monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path))
+    model, _ = tiny_model("qwen2", seed=4)
+    calib = torch.randint(0, 5000, (2, 32))
+    loss = {aug: quantize(copy.deepcopy(model), "omniquant", make_config(
+        "omniquant", "w4a8", {**TINY, "epochs": 1, "aug_loss": aug}), calib).slmquant_method_info["loss"]
+        for aug in (False, True)}
+    ratio = [torch.tensor(loss[True][i]) / torch.tensor(loss[False][i]) for i in (0, 1)]
+    assert torch.allclose(ratio[0], torch.tensor(2.0), rtol=1e-3)
+    assert (ratio[1] - 2).abs().min() > 1e-2
+
+
 def test_llmc_gqa_trains_one_model_and_deploys_another():
     """gqa="llmc" reproduces LLMC on GQA models: v_proj trained on its raw weights while the folded
     model keeps the norm scaling of its input columns; the exact handling has no such gap."""
