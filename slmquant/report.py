@@ -394,17 +394,27 @@ def _plots(rep: dict, folder: Path) -> None:
         _save(fig, folder / names["outliers"])
     cv = rep["plotted"]["cost_vs_accuracy"]
     if cv:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for n, (t, r) in cv.items():
-            ax.scatter(t, r)
-            ax.annotate(n, (t, r), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        from matplotlib.ticker import FuncFormatter
-        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-            axis(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xlabel("quantization wall time (s, log scale)")
-        ax.set_ylabel("WikiText-2 perplexity / float")
-        ax.set_title(f"{title}: quantization cost against accuracy")
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+        widths = sorted({n.rpartition("-")[2] for n in cv}, key=lambda b: [int(c) for c in b[1:].split("a")])
+        methods = sorted({n.rpartition("-")[0] for n in cv})
+        colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+        fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths) + 1.8, 4), squeeze=False)
+        for ax, bits in zip(axes[0], widths):                # one panel per width: its own y range
+            for n, (t, r) in cv.items():
+                method, _, b = n.rpartition("-")
+                if b == bits:
+                    ax.scatter(max(t, 0.1), r, color=colour[method], s=36, label=method)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("quantization wall time (s, log scale)")
+            ax.set_title(bits.upper(), fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("WikiText-2 perplexity / float")
+        handles = {h.get_label(): h for ax in axes[0] for h in ax.collections}
+        axes[0][-1].legend([handles[m] for m in methods if m in handles], [m for m in methods if m in handles],
+                           loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+        fig.suptitle(f"{title}: quantization cost against accuracy (lower left is better)", fontsize=10)
         _save(fig, folder / names["cost_vs_accuracy"])
 
 
