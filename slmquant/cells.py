@@ -77,12 +77,14 @@ def build(cell: Cell, float_model: nn.Module, tok) -> tuple[nn.Module, dict]:
         return method.fn(model, calib, cell.cfg)
 
     model, c = cost.measure(run, device, _state_bytes(float_model))
+    info = getattr(model, "slmquant_method_info", None)
+    c = cost.charge_shared(c, (info or {}).get("shared_cost"), _state_bytes(float_model))
     record = {"cell": cell.id, "model": cell.model, "method": cell.method, "bits": cell.cfg.scheme,
               "settings": asdict(cell.cfg), "source": getattr(float_model, "slmquant_source").to_dict(),
               "cost": c.to_dict(), "threads": torch.get_num_threads(),
               "calib_budget": ({"samples": cell.cfg.calib_samples, "seqlen": cell.cfg.calib_seqlen}
                                if isinstance(cell.cfg, CalibConfig) else None),
-              "method_info": getattr(model, "slmquant_method_info", None)}
+              "method_info": info}
     return model, record
 
 

@@ -5,7 +5,12 @@ the bytes of the model it starts from plus the growth of the peak during the cal
 CUDA, torch.cuda.max_memory_allocated after a reset (it counts tensors only: no base to add). On
 Linux, the peak resident set (VmHWM in /proc/self/status), reset before the call by writing 5 to
 /proc/self/clear_refs, minus the resident set before it. Elsewhere (macOS, or where that reset is
-refused), a thread samples the resident set (psutil) every few milliseconds during the call."""
+refused), a thread samples the resident set (psutil) every few milliseconds during the call.
+Measurements nest: an inner one resets the shared counter only after carrying its reading over to
+the measurements around it, so the outer peak still covers the inner call.
+A build that reuses a shared computation from a cache (SpinQuant's rotations, learned once for W8A8
+and W4A8) is charged that computation's recorded cost (`charge_shared`), so a cell's cost does not
+depend on which cell happened to be built first."""
 from __future__ import annotations
 
 import gc
@@ -23,6 +28,8 @@ class Cost:
     peak_mem_bytes: int
     mem_counter: str          # which counter measured the peak
     device: str
+    shared_s: float = 0.0     # of wall_s: a shared computation's recorded time, read from a cache
+
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,12 +84,15 @@ def _release_free_memory() -> None:
         pass                                      # not glibc (macOS): the sampled RSS is what it is
 
 
+_ACTIVE: list[PeakMemory] = []          # the measurements in progress, outermost first
+
+
 class PeakMemory:
     """with PeakMemory(device) as p: ...; then p.growth (bytes above the start) and p.counter."""
 
     def __init__(self, device: str = "cpu", interval_s: float = 0.005):
         self.device, self.interval_s = device, interval_s
-        self.growth, self.counter, self._thread = 0, "", None
+        self.growth, self.counter, self._thread, self._carry = 0, "", None, 0
 
     def __enter__(self):
         gc.collect()                              # garbage freed mid-call would lower the peak's growth
@@ -90,6 +100,10 @@ class PeakMemory:
             _release_free_memory()
         # the start: on CUDA what is allocated (models resident before the call are not its growth)
         self.base = torch.cuda.memory_allocated(torch.device(self.device)) if self.device.startswith("cuda") else rss()
+        for outer in _ACTIVE:                     # the reset below must not lose their peak so far
+            if outer._thread is None and outer.device == self.device:
+                outer._carry = max(outer._carry, read_peak(self.device))
+        _ACTIVE.append(self)
         self.counter = reset_peak(self.device)
         if not self.counter:                      # no resettable counter: sample the resident set
             self.counter, self._max, self._stop = "sampled RSS (psutil)", self.base, threading.Event()
@@ -108,7 +122,8 @@ class PeakMemory:
             self._thread.join()
             peak = max(self._max, rss())
         else:
-            peak = read_peak(self.device)
+            peak = max(read_peak(self.device), self._carry)
+        _ACTIVE.remove(self)
         self.growth = max(0, peak - self.base)
         return False
 
@@ -123,3 +138,13 @@ def measure(fn, device: str = "cpu", base_bytes: int = 0):
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     return out, Cost(wall, base_bytes + p.growth, f"model bytes + growth of the peak ({p.counter})", device)
+
+
+def charge_shared(c: Cost, shared: dict | None, base_bytes: int) -> Cost:
+    """c with a shared computation's cost added where the build read it from a cache instead of
+    computing it: shared = {"from_cache": bool, "wall_s": s, "peak_growth_bytes": b} (as a method
+    records it in its method_info["shared_cost"]); its peak counts on top of the model's bytes."""
+    if not shared or not shared.get("from_cache"):
+        return c
+    return Cost(c.wall_s + shared["wall_s"], max(c.peak_mem_bytes, base_bytes + shared["peak_growth_bytes"]),
+                c.mem_counter, c.device, shared_s=shared["wall_s"])

@@ -286,7 +286,9 @@ def markdown_group(rep: dict, level: int = 2, link: str = "") -> str:
     out += ["", f"{h}# Track 3: quantization cost (the paper's Table 4)", "",
             f"slmq_quant over the paper's methods ({', '.join(PAPER_METHODS)}), per bits width, where all "
             "three were built on one machine (device, threads, instruction set); RTN's near-zero cost would "
-            "swamp the score. A cell read from the cache keeps the cost of its build.", "",
+            "swamp the score. A cell read from the cache keeps the cost of its build; a build that reuses "
+            "SpinQuant rotations learned for another cell is charged their learning (the cost's `shared_s`; "
+            "records without that field predate the rule and are not).", "",
             "| cell | built on | time (s) | peak memory (MiB) | slmq_quant | paper |", "|---|---|---|---|---|---|"]
     for x in rep["rows"]:
         mib = x["quant_peak_bytes"] / 2**20 if x["quant_peak_bytes"] else None

@@ -29,6 +29,7 @@ from filelock import FileLock
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .. import cost
 from .. import rotation as rot
 from ..arch import arch_map, decoder_layers, heads, layer_linears, set_submodule
 from ..errors import SlmquantError
@@ -263,18 +264,22 @@ def _rotation_cache(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig)
 def cached_rotations(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig, progress: bool = True) -> dict:
     """R1 and the R2s for a prepared model (`prepare_`), from the rotation cache, learned and stored
     there on a miss (or when a stored one is not orthogonal), under the entry's lock: a W8A8 and a
-    W4A8 worker learn their shared rotation once."""
+    W4A8 worker learn their shared rotation once. The learning's wall time and peak-memory growth
+    are stored with it ("learn_cost") and "from_cache" says whether this call read it."""
     path = _rotation_cache(model, calib, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         res = torch.load(path, weights_only=True) if path.is_file() else None
         if res is not None and max(rot.orthogonality_error(R) for R in [res["R1"], *res["R2"]]) > ORTHO_TOL:
             res = None                                          # not orthogonal: learned again
-        if res is None:
-            res = learn_rotations(model, calib, cfg, progress)
-            with atomic_path(path) as tmp:
-                torch.save(res, tmp)
-    return res
+        if res is not None:
+            return {**res, "from_cache": True}
+        res, c = cost.measure(lambda: learn_rotations(model, calib, cfg, progress),
+                              str(next(model.parameters()).device))
+        res["learn_cost"] = {"wall_s": c.wall_s, "peak_growth_bytes": c.peak_mem_bytes}
+        with atomic_path(path) as tmp:
+            torch.save(res, tmp)
+    return {**res, "from_cache": False}
 
 
 @register("spinquant", SpinQuantConfig, suite=SUITE)
@@ -296,5 +301,8 @@ def spinquant(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig, progr
                 w = fake_quant(lin.weight, cfg.w_spec, *mse_qparams(lin.weight, cfg.w_spec)) if cfg.w_clip else None
                 set_submodule(model, name, QLinear.from_linear(lin, cfg.w_spec, cfg.a_spec, weight=w))
     model.slmquant_method_info = {"loss": res["loss"], "orthogonality_error": res["ortho"],
-                                  "learned": bool(cfg.learn and cfg.steps)}
+                                  "learned": bool(cfg.learn and cfg.steps),
+                                  # the rotations' cost, charged to every cell that uses them (cost.py)
+                                  "shared_cost": {"what": "rotations", "from_cache": res["from_cache"],
+                                                  **res["learn_cost"]}}
     return model

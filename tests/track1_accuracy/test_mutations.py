@@ -122,7 +122,8 @@ def _identity_rotations(mp):
     mp.setattr(rot, "rotate_heads_", lambda model, layer, R2: None)
     # rotations never folded in need not be learned (nor waited for): R1 and every R2 unused
     mp.setattr(spin_mod, "cached_rotations", lambda model, calib_, cfg, progress=True: {
-        "R1": None, "R2": itertools.repeat(None), "loss": [], "ortho": 0.0})
+        "R1": None, "R2": itertools.repeat(None), "loss": [], "ortho": 0.0, "from_cache": False,
+        "learn_cost": {"wall_s": 0.0, "peak_growth_bytes": 0}})
 
 
 def _no_online_hadamard(mp):
