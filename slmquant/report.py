@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 from .files import atomic_path, write_text_atomic
@@ -397,15 +398,17 @@ def _plots(rep: dict, folder: Path) -> None:
     cv = rep["plotted"]["cost_vs_accuracy"]
     if cv:
         from matplotlib.ticker import FuncFormatter, NullFormatter
-        widths = sorted({n.rpartition("-")[2] for n in cv}, key=lambda b: [int(c) for c in b[1:].split("a")])
-        methods = sorted({n.rpartition("-")[0] for n in cv})
+        # a cell's width and its label: the method, or the cell's name for an ablation (settings)
+        meta = {x["cell"]: (x["bits"], x["method"] if x["default_cell"] else x["cell"]) for x in rep["rows"]}
+        widths = sorted({meta[n][0] for n in cv}, key=lambda b: [int(d) for d in re.findall(r"\d+", b)])
+        methods = sorted({meta[n][1] for n in cv})
         colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
         fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths) + 1.8, 4), squeeze=False)
         for ax, bits in zip(axes[0], widths):                # one panel per width: its own y range
             for n, (t, r) in cv.items():
-                method, _, b = n.rpartition("-")
+                b, label = meta[n]
                 if b == bits:
-                    ax.scatter(max(t, 0.1), r, color=colour[method], s=36, label=method)
+                    ax.scatter(max(t, 0.1), r, color=colour[label], s=36, label=label)
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())

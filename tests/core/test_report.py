@@ -8,7 +8,7 @@ import math
 import pytest
 
 from slmquant.cli import main
-from slmquant.report import build_report, load_groups, plot_names, ppl_interval, write_report
+from slmquant.report import _plots, build_report, load_groups, plot_names, ppl_interval, write_report
 from slmquant.scores import slmq_perf
 
 SOURCE = {"stand_in_for": "HuggingFaceTB/SmolLM2-135M"}
@@ -181,6 +181,19 @@ def test_slmq_quant_needs_the_three_default_cells_built_on_one_machine():
     cells["omniquant-w8a8"]["machine"] = {"threads": 64, "cpu_capability": "AVX512"}   # built elsewhere
     rows = {x["cell"]: x for x in build_report(cells, PAPER)["rows"]}
     assert all(rows[c]["slmq_quant"] is None for c in ("smoothquant-w8a8", "omniquant-w8a8", "spinquant-w8a8"))
+
+
+def test_the_cost_plot_draws_an_ablation_cell_beside_the_methods(tmp_path):
+    """A cell with settings in its name (an ablation) has its own point, labelled by its name, in its
+    width's panel (the plot once read the width from the name's last part and failed on it)."""
+    import matplotlib.image as mpimg
+    cells = {"float": _result("none", "w16a16", [6000.0, 6200.0]),
+             "smoothquant-w8a8": _result("smoothquant", "w8a8", [6050.0, 6250.0], (60.0, 5e8)),
+             "smoothquant-w8a8-alpha=0.8": _result("smoothquant", "w8a8", [6050.0, 6250.0], (6000.0, 9e9))}
+    rep = build_report(cells, PAPER)
+    assert set(rep["plotted"]["cost_vs_accuracy"]) == {"smoothquant-w8a8", "smoothquant-w8a8-alpha=0.8"}
+    _plots(rep, tmp_path)
+    assert mpimg.imread(tmp_path / plot_names(rep)["cost_vs_accuracy"]).shape[0] > 100
 
 
 def test_mmlu_is_compared_in_one_form_only():
