@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import columns
 from .errors import SlmquantError
 from .files import write_text_atomic
 
@@ -342,7 +343,7 @@ def run_bench(models: list[str], methods: list[str], bits: list[str], tracks: tu
     n_windows = profile_windows(profile) or 140              # paper: every window, about 140 of 2048
     cache = CellCache()
     total = 0.0
-    lines = []
+    rows = []
     for s in specs:
         src = resolve(s.model)[2]
         cached = s.method == "none" or (src is not None and cache.record(
@@ -351,11 +352,11 @@ def run_bench(models: list[str], methods: list[str], bits: list[str], tracks: tu
         total += est
         state = ("done" if not todos[s] else f"tracks {','.join(map(str, todos[s]))}"
                  + ("" if s.method == "none" else ", cell cached" if cached else ", to build"))
-        lines.append(f"  {s.model:14s} {s.name:18s} {state:32s} ~{_clock(est)}")
+        rows.append((s.model, s.name, state, f"~{_clock(est)}"))
     _note(f"slmquant bench: {len(specs)} cells, profile {profile} (WikiText-2: {n_windows} windows of 2048; "
           f"tasks: {', '.join(tasks) or 'none'}, {items or 'all'} items each; track 2: {TRACK2[profile]['iters']} timed prefills), device "
           f"{device}, results in {out / dclass}/")
-    _note("\n".join(lines))
+    _note(columns(rows))
     _note(f"  estimated {_clock(total)} on a 2-core CPU (docs/run_timing.md); on other machines, a guide only")
     results, loaded = [], {}
     for k, s in enumerate(specs, 1):

@@ -39,11 +39,14 @@ def _task_items(value: str) -> int | None:
     return n
 
 
+def columns(rows: list[tuple[str, ...]], indent: str = "  ", sep: str = " ") -> str:
+    """Rows of text as left-aligned columns, each as wide as its longest entry."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(indent + sep.join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def _print_table(rows: list[dict], cols: list[str]) -> None:
-    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+    print(columns([tuple(cols), *(tuple(_fmt(r.get(c)) for c in cols) for r in rows)], indent="", sep="  "))
 
 
 def _fmt(v) -> str:

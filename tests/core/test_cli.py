@@ -240,3 +240,11 @@ def test_smoke_profile_builds_the_default_tiers_cells():
         for bits in ("w8a8", "w4a8"):
             smoke = Cell("smollm2-135m", method, make_config(method, bits, profile_settings(method, "smoke")))
             assert smoke == make_cell("smollm2-135m", method, bits, {}, DEFAULT), (method, bits)
+
+
+def test_columns_fit_the_longest_entry():
+    from slmquant.cli import columns
+    text = columns([("a", "float", "~1 min"), ("qwen2.5-0.5b", "spinquant-w4a8-learn=false-seed=1", "~1 h")])
+    first, second = text.splitlines()
+    assert first.index("~1 min") == second.index("~1 h")          # a long cell name pushes the column, not the row
+    assert first.startswith("  a ") and second.endswith("~1 h")
