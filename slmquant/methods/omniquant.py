@@ -51,7 +51,11 @@ class OmniQuantConfig(CalibConfig):
     quant_attn: also round the attention inputs (Q and K after RoPE, V) per (head, token) with the
     activation spec, in training and in the model, as the reference code does (default off).
     aug_loss: add the reference's `--aug_loss` term, the MSE to the float block applied to the
-    quantized block's own inputs (default off, as in the reference's W4A8 and W8A8 scripts)."""
+    quantized block's own inputs (default off, as in the reference's W4A8 and W8A8 scripts).
+    loss: "mse" (the reference's mean squared error over every position and channel) or "token"
+    (each position's squared error relative to its float target's mean square, averaged over
+    positions: the error every later RMSNorm sees, so that a few massive-activation positions do
+    not outweigh the rest of the window)."""
     sym: bool = False
     epochs: int = 20
     lwc_lr: float = 1e-2
@@ -64,6 +68,7 @@ class OmniQuantConfig(CalibConfig):
     fold_fp16: bool = False
     quant_attn: bool = False
     aug_loss: bool = False
+    loss: str = "mse"
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,6 +78,8 @@ class OmniQuantConfig(CalibConfig):
             raise SlmquantError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.gqa not in ("exact", "llmc"):
             raise SlmquantError(f"gqa must be exact or llmc, got {self.gqa!r}")
+        if self.loss not in LOSSES:
+            raise SlmquantError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.quant_attn and self.a_bits == 16:
             raise SlmquantError("quant_attn=true needs quantized activations (a_bits < 16)")
         if self.let and self.a_bits == 16:
@@ -189,12 +196,23 @@ def _act_quant_hooks(layer: nn.Module, amap, a_spec):
             for n in amap.linears] if a_spec is not None else []
 
 
-def block_loss(layer, weights, x, kw, target, target_q=None) -> torch.Tensor:
-    """MSE of the block's output to the float block's output on float inputs, plus (aug_loss) the
-    MSE to the float block's output on the same quantized-stream input."""
+def token_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each position's mean squared error over its float target's mean square, averaged over
+    positions (`loss="token"`)."""
+    err = (out - target).pow(2).mean(-1)
+    return (err / target.pow(2).mean(-1).clamp(min=1e-12)).mean()
+
+
+LOSSES = {"mse": F.mse_loss, "token": token_mse}
+
+
+def block_loss(layer, weights, x, kw, target, target_q=None, loss: str = "mse") -> torch.Tensor:
+    """The loss (`LOSSES`) of the block's output to the float block's output on float inputs, plus
+    (aug_loss) the same to the float block's output on the same quantized-stream input."""
     out = functional_call(layer, weights, (x,), kw)
-    loss = F.mse_loss(out, target)
-    return loss if target_q is None else loss + F.mse_loss(out, target_q)
+    fn = LOSSES[loss]
+    value = fn(out, target)
+    return value if target_q is None else value + fn(out, target_q)
 
 
 def train_block(layer: nn.Module, blk: Block, q_in, kw, target, cfg: OmniQuantConfig, target_q=None) -> dict:
@@ -216,7 +234,7 @@ def train_block(layer: nn.Module, blk: Block, q_in, kw, target, cfg: OmniQuantCo
                 total = 0.0
                 for x, y, y_q in zip(q_in, target, target_q or [None] * len(q_in)):
                     blk.truncate_()
-                    loss = block_loss(layer, blk.weights(), x, kw, y, y_q)
+                    loss = block_loss(layer, blk.weights(), x, kw, y, y_q, cfg.loss)
                     if not torch.isfinite(loss):
                         break
                     opt.zero_grad(set_to_none=True)

@@ -113,6 +113,31 @@ def test_aug_loss_targets_the_float_block_on_the_quantized_stream(monkeypatch, t
     assert (ratio[1] - 2).abs().min() > 1e-2
 
 
+def test_token_loss_weighs_every_position_alike(monkeypatch, tmp_path):
+    """loss="token": each position's squared error over its target's mean square, averaged over
+    positions (hand-computed here), so a position a thousand times larger than the rest (a massive
+    activation) weighs as much as any other, where the plain MSE is all that position. The setting
+    reaches the training loop."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    y[:, 0] *= 1000                                                     # massive first positions
+    out = y + 0.01 * torch.randn(y.shape, generator=g, dtype=torch.float64) * y.abs()
+    hand = sum(((out[b, t] - y[b, t]) ** 2).sum() / (y[b, t] ** 2).sum() for b in range(2) for t in range(5)) / 10
+    assert torch.allclose(oq.token_mse(out, y), hand, rtol=1e-12)
+    first = torch.nn.functional.mse_loss(out[:, :1], y[:, :1]) / 5      # the MSE's share of position 0
+    assert first / torch.nn.functional.mse_loss(out, y) > 0.999
+    assert oq.token_mse(out[:, :1], y[:, :1]) / 10 / oq.token_mse(out, y) < 0.5
+    seen = []
+    monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path))
+    monkeypatch.setitem(oq.LOSSES, "token", lambda o, t: seen.append(1) or oq.token_mse(o, t))
+    model, _ = tiny_model("llama", seed=2)
+    cfg = make_config("omniquant", "w4a8", {**TINY, "epochs": 1, "loss": "token"})
+    quantize(copy.deepcopy(model), "omniquant", cfg, torch.randint(0, 5000, (2, 32)))
+    assert len(seen) == 2 * len(decoder_layers(model))                   # every step of every block
+    with pytest.raises(Exception, match="loss must be one of mse, token"):
+        make_config("omniquant", "w4a8", {"loss": "l1"})
+
+
 def test_llmc_gqa_trains_one_model_and_deploys_another():
     """gqa="llmc" reproduces LLMC on GQA models: v_proj trained on its raw weights while the folded
     model keeps the norm scaling of its input columns; the exact handling has no such gap."""
