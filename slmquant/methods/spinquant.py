@@ -15,7 +15,10 @@ fixed-point iterations, row renormalization and an occasional random QR retracti
 orthogonal to float64 precision, checked after every step and on load; training windows are the
 calibration windows taken in order and cycled (the reference reads 800 consecutive windows of the
 train split, which is not available offline); activations are rounded per token, o_proj's input
-too (the reference rounds it per head). No R3 (Q/K are not quantized in the paper's W4A8 setting)."""
+too (the reference rounds it per head). KV cache: `kv_bits` rounds K (after RoPE) and V per (head,
+token), asymmetric, as the reference's KV quantization; R3, a Hadamard over head_dim applied online
+to Q and K after RoPE (slmquant.attn), comes with it as in the reference (`r3` sets it either way).
+The paper's W4A8 setting leaves the KV cache in float, so by default neither is there."""
 from __future__ import annotations
 
 import hashlib
@@ -29,12 +32,12 @@ from filelock import FileLock
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .. import cost
+from .. import attn, cost
 from .. import rotation as rot
 from ..arch import arch_map, decoder_layers, heads, layer_linears, set_submodule
 from ..errors import SlmquantError
 from ..files import atomic_path
-from ..quant import QLinear, fake_quant, fake_quant_ste
+from ..quant import QLinear, QSpec, fake_quant, fake_quant_ste
 from . import register
 from .gptq import GPTQConfig, gptq_, mse_qparams
 
@@ -49,7 +52,10 @@ class SpinQuantConfig(GPTQConfig):
     weights: "gptq" or "rtn". learn: learn R1/R2 (false: fixed random Hadamards, QuaRot-like, the
     control). steps: Cayley SGD steps, one window of the calibration set each, in order (reference:
     100 steps of 8 windows of 2048 tokens). lr: the largest step (1.5, cosine decay to 0).
-    max_grad_norm: global gradient-norm clip over R1 and every R2 (1.0: the reference's trainer)."""
+    max_grad_norm: global gradient-norm clip over R1 and every R2 (1.0: the reference's trainer).
+    kv_bits: K (after RoPE and R3) and V rounded per (head, token), asymmetric, to this many bits
+    (16: float, the paper's W4A8 and W8A8). r3: Q and K turned by the head_dim Hadamard after RoPE
+    (None: when kv_bits < 16, as the reference)."""
     sym: bool = False
     a_sym: bool = False
     w_clip: bool = True
@@ -58,6 +64,8 @@ class SpinQuantConfig(GPTQConfig):
     steps: int = 100
     lr: float = 1.5
     max_grad_norm: float = 1.0
+    kv_bits: int = 16
+    r3: bool | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -67,6 +75,16 @@ class SpinQuantConfig(GPTQConfig):
             raise SlmquantError("steps and lr must be >= 0, max_grad_norm > 0")
         if self.w_bits == 16:
             raise SlmquantError("spinquant rounds the weights: w_bits must be below 16")
+        if not (2 <= self.kv_bits <= 8 or self.kv_bits == 16):
+            raise SlmquantError(f"kv_bits must be in 2..8, or 16 (float), got {self.kv_bits}")
+
+    @property
+    def use_r3(self) -> bool:
+        return self.kv_bits < 16 if self.r3 is None else self.r3
+
+    @property
+    def kv_spec(self) -> QSpec | None:
+        return None if self.kv_bits == 16 else QSpec(self.kv_bits, sym=False, granularity="token")
 
     @property
     def train_w_spec(self):
@@ -117,6 +135,15 @@ def install_online_r4_(model: nn.Module) -> None:
         q = QLinear.from_linear(layer.get_submodule(name), None, None)
         q.had = q.in_features
         layer.set_submodule(name, q)
+
+
+def install_attn_(model: nn.Module, cfg: SpinQuantConfig) -> None:
+    """R3 and the KV cache's rounding on every attention module (nothing when neither is set)."""
+    if not cfg.use_r3 and cfg.kv_spec is None:
+        return
+    name = arch_map(model).v_o.prev.rpartition(".")[0]
+    for layer in decoder_layers(model):
+        attn.install(model, layer.get_submodule(name), cfg.kv_spec, q=False, r3=cfg.use_r3)
 
 
 def _rotated(base: dict, R1: torch.Tensor, R2s: list, amap, hq, w_spec) -> dict:
@@ -199,7 +226,9 @@ def learn_rotations(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig,
     model.requires_grad_(False)                              # no weight gradients: R1, R2 only
     w_spec = cfg.train_w_spec
     base = {}
-    if w_spec is not None:
+    # the activation-side form rounds in the unrotated model, where V is not yet in R2's basis: a
+    # rounded KV cache needs the rotated weights
+    if w_spec is not None or cfg.kv_spec is not None:
         for i, layer in enumerate(decoder_layers(model)):
             for n in amap.linears:
                 lin = layer.get_submodule(n)
@@ -216,7 +245,7 @@ def learn_rotations(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig,
                 w = calib[step % len(calib)][None].to(dev)
                 kw = {"labels": w, "use_cache": False}
                 loss = (functional_call(model, _rotated(base, params[0], params[1:], amap, hq, w_spec), (w,), kw)
-                        if w_spec is not None else model(w, **kw)).loss
+                        if base else model(w, **kw)).loss
                 if not torch.isfinite(loss):
                     raise SlmquantError(f"spinquant: non-finite loss at step {step}")
                 grads = [G.double() for G in torch.autograd.grad(loss, params)]
@@ -247,7 +276,8 @@ def _rotation_cache(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig)
     depends on (not the GPTQ settings), and this file, so that W8A8 and W4A8 share one learning."""
     from ..models import cache_dir, device_name
     from . import get_method
-    learn = {k: getattr(cfg, k) for k in ("learn", "steps", "lr", "max_grad_norm", "seed", "a_bits", "a_sym")}
+    learn = {k: getattr(cfg, k) for k in ("learn", "steps", "lr", "max_grad_norm", "seed", "a_bits", "a_sym",
+                                           "kv_bits", "use_r3")}
     learn["train_w_spec"] = asdict(cfg.train_w_spec) if cfg.train_w_spec else None
     learn["dtype"], learn["device"] = str(next(model.parameters()).dtype), device_name()
     src = getattr(model, "slmquant_source", None)
@@ -287,6 +317,7 @@ def spinquant(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig, progr
     if calib is None:
         raise SlmquantError("spinquant needs calibration windows")
     prepare_(model)
+    install_attn_(model, cfg)                            # learning and GPTQ see the KV cache's rounding
     res = cached_rotations(model, calib, cfg, progress)
     with torch.no_grad():
         rot.rotate_residual_(model, res["R1"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from slmquant import rotation as rot
+from slmquant.attn import AttnInputQuant
 from slmquant.arch import decoder_layers, heads
 from slmquant.errors import SlmquantError
 from slmquant.methods import make_config, quantize
@@ -31,8 +32,9 @@ def test_cayley_steps_stay_orthogonal_and_descend():
     assert loss(R) < 0.5 * before
 
 
+@pytest.mark.parametrize("r3", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_the_methods_surgery_keeps_the_float_logits(arch):
+def test_the_methods_surgery_keeps_the_float_logits(arch, r3):
     model, _ = tiny_model(arch, seed=3, dtype=torch.float64)
     ids = torch.randint(0, 5000, (2, 20))
     with torch.no_grad():
@@ -44,6 +46,9 @@ def test_the_methods_surgery_keeps_the_float_logits(arch):
         for layer in decoder_layers(model):
             rot.rotate_heads_(model, layer, rot.random_hadamard(heads(model)[2], g))
     sq.install_online_r4_(model)
+    if r3:                                    # R3 online on Q and K after RoPE, the KV cache in float
+        sq.install_attn_(model, make_config("spinquant", "w4a8", {"r3": True}))
+        assert sum(isinstance(m, AttnInputQuant) and m.r3 for m in model.modules()) == len(decoder_layers(model))
     downs = [m for m in model.modules() if isinstance(m, QLinear)]
     assert len(downs) == len(decoder_layers(model)) and all(d.had == d.in_features for d in downs)
     with torch.no_grad():
@@ -96,7 +101,8 @@ def test_learned_rotations_are_orthogonal_and_shared_by_w8a8_and_w4a8(monkeypatc
     assert calls == ["w4a8", "w4a16"]         # W8A8 reads W4A8's rotations (both learned at W16A8)
 
 
-@pytest.mark.parametrize("bits,extra", [("w4a8", {}), ("w4a16", {}), ("w4a16", {"w_clip": False})])
+@pytest.mark.parametrize("bits,extra", [("w4a8", {}), ("w4a16", {}), ("w4a16", {"w_clip": False}),
+                                        ("w4a8", {"kv_bits": 4})])
 def test_a_cell_survives_the_cache_and_becomes_a_real_model(bits, extra, tmp_path):
     """With the weight-clipping search (w_clip, the default) and without it: clipped ranges put codes
     at both ends of the grid, which the cache's grid recovery and the real kernels must carry
@@ -119,6 +125,8 @@ def test_a_cell_survives_the_cache_and_becomes_a_real_model(bits, extra, tmp_pat
                 p.copy_(p.half().float())
         out = built(ids).logits
     assert sum(isinstance(m, RealLinear) and m.had is not None for m in real.modules()) == len(decoder_layers(real))
+    kv = [(m.spec and m.spec.bits, m.q, m.r3) for m in real.modules() if isinstance(m, AttnInputQuant)]
+    assert kv == ([(4, False, True)] * len(decoder_layers(real)) if extra.get("kv_bits") else [])
     if bits == "w4a16":                       # no activation rounding: the real model is the cell
         assert (got - out).abs().max() <= 1e-5 * out.abs().max()
     if bits == "w4a16" and not extra:         # the search moved some rows' ranges, not every row's
@@ -130,7 +138,43 @@ def test_a_cell_survives_the_cache_and_becomes_a_real_model(bits, extra, tmp_pat
         assert 0 < narrower < sum(c.numel() for c, _ in w)
 
 
+def test_r3_spreads_key_outliers_before_the_kv_cache_rounds_them():
+    """R3 leaves Q K^T unchanged in float and, with a key channel 30 times the others (as RoPE'd keys
+    carry), the 4-bit KV cache's error on the attention scores falls by more than half."""
+    from slmquant.quant import QSpec
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 64, generator=g, dtype=torch.float64) for _ in range(3))
+    k[..., 5] *= 30
+    exact = q @ k.transpose(-1, -2)
+    turned = AttnInputQuant(None, q=False, r3=True).qkv(q, k, v)
+    assert torch.allclose(turned[0] @ turned[1].transpose(-1, -2), exact, atol=1e-10)
+    err = {}
+    for r3 in (False, True):
+        qq, kq, vq = AttnInputQuant(QSpec(4, sym=False, granularity="token"), q=False, r3=r3).qkv(q, k, v)
+        assert torch.equal(qq, turned[0] if r3 else q)             # Q is never rounded
+        err[r3] = float((qq @ kq.transpose(-1, -2) - exact).pow(2).mean())
+    assert err[True] < 0.5 * err[False]
+
+
+def test_a_rounded_kv_cache_is_learned_with_the_rotated_weights(monkeypatch, tmp_path):
+    """With kv_bits < 16, learning takes the rotated-weight form (V is rounded in R2's basis) even when
+    its weights are float (GPTQ follows), and learns rotations of its own (another cache entry)."""
+    monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path))
+    model, _ = tiny_model("qwen2", seed=4)
+    calib = torch.randint(0, 5000, (2, 32))
+    forms = []
+    side = sq._hooks_weight_side
+    monkeypatch.setattr(sq, "_hooks_weight_side", lambda *a: forms.append("weights") or side(*a))
+    q = quantize(copy.deepcopy(model), "spinquant", make_config("spinquant", "w4a8", {**TINY, "kv_bits": 4}), calib)
+    assert forms == ["weights"] and q.slmquant_method_info["learned"]
+    assert len(list(tmp_path.glob("spinquant-rotations/*.pt"))) == 1
+    quantize(copy.deepcopy(model), "spinquant", make_config("spinquant", "w4a8", TINY), calib)
+    assert forms == ["weights"] and len(list(tmp_path.glob("spinquant-rotations/*.pt"))) == 2
+
+
 def test_bad_settings_and_gemma3_are_refused():
+    with pytest.raises(SlmquantError, match="kv_bits must be in"):
+        make_config("spinquant", "w4a8", {"kv_bits": 12})
     with pytest.raises(SlmquantError, match="weights must be"):
         make_config("spinquant", "w4a8", {"weights": "awq"})
     with pytest.raises(SlmquantError, match="w_bits must be below 16"):
