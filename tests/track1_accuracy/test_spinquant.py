@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from slmquant import rotation as rot
-from slmquant.attn import AttnInputQuant
 from slmquant.arch import decoder_layers, heads
+from slmquant.attn import AttnInputQuant
 from slmquant.errors import SlmquantError
 from slmquant.methods import make_config, quantize
 from slmquant.methods import spinquant as sq
@@ -150,7 +150,7 @@ def test_r3_spreads_key_outliers_before_the_kv_cache_rounds_them():
     assert torch.allclose(turned[0] @ turned[1].transpose(-1, -2), exact, atol=1e-10)
     err = {}
     for r3 in (False, True):
-        qq, kq, vq = AttnInputQuant(QSpec(4, sym=False, granularity="token"), q=False, r3=r3).qkv(q, k, v)
+        qq, kq, _ = AttnInputQuant(QSpec(4, sym=False, granularity="token"), q=False, r3=r3).qkv(q, k, v)
         assert torch.equal(qq, turned[0] if r3 else q)             # Q is never rounded
         err[r3] = float((qq @ kq.transpose(-1, -2) - exact).pow(2).mean())
     assert err[True] < 0.5 * err[False]
