@@ -53,6 +53,8 @@ class SpinQuantConfig(GPTQConfig):
     control). steps: Cayley SGD steps, one window of the calibration set each, in order (reference:
     100 steps of 8 windows of 2048 tokens). lr: the largest step (1.5, cosine decay to 0).
     max_grad_norm: global gradient-norm clip over R1 and every R2 (1.0: the reference's trainer).
+    batch: windows per Cayley step, their gradients averaged, one window in memory at a time (1; the
+    paper profile: 8, the reference's 8 GPUs x 1).
     kv_bits: K (after RoPE and R3) and V rounded per (head, token), asymmetric, to this many bits
     (16: float, the paper's W4A8 and W8A8). r3: Q and K turned by the head_dim Hadamard after RoPE
     (None: when kv_bits < 16, as the reference)."""
@@ -64,6 +66,7 @@ class SpinQuantConfig(GPTQConfig):
     steps: int = 100
     lr: float = 1.5
     max_grad_norm: float = 1.0
+    batch: int = 1
     kv_bits: int = 16
     r3: bool | None = None
 
@@ -71,8 +74,8 @@ class SpinQuantConfig(GPTQConfig):
         super().__post_init__()
         if self.weights not in ("gptq", "rtn"):
             raise SlmquantError(f"weights must be gptq or rtn, got {self.weights!r}")
-        if self.steps < 0 or self.lr < 0 or self.max_grad_norm <= 0:
-            raise SlmquantError("steps and lr must be >= 0, max_grad_norm > 0")
+        if self.steps < 0 or self.lr < 0 or self.max_grad_norm <= 0 or self.batch < 1:
+            raise SlmquantError("steps and lr must be >= 0, max_grad_norm > 0, batch >= 1")
         if self.w_bits == 16:
             raise SlmquantError("spinquant rounds the weights: w_bits must be below 16")
         if not (2 <= self.kv_bits <= 8 or self.kv_bits == 16):
@@ -242,13 +245,17 @@ def learn_rotations(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig,
     try:
         with torch.enable_grad():
             for step in bar:
-                w = calib[step % len(calib)][None].to(dev)
-                kw = {"labels": w, "use_cache": False}
-                loss = (functional_call(model, _rotated(base, params[0], params[1:], amap, hq, w_spec), (w,), kw)
-                        if base else model(w, **kw)).loss
-                if not torch.isfinite(loss):
-                    raise SlmquantError(f"spinquant: non-finite loss at step {step}")
-                grads = [G.double() for G in torch.autograd.grad(loss, params)]
+                grads, loss = None, 0.0
+                for j in range(cfg.batch):                        # one window at a time, averaged
+                    w = calib[(step * cfg.batch + j) % len(calib)][None].to(dev)
+                    kw = {"labels": w, "use_cache": False}
+                    part = (functional_call(model, _rotated(base, params[0], params[1:], amap, hq, w_spec), (w,), kw)
+                            if base else model(w, **kw)).loss / cfg.batch
+                    if not torch.isfinite(part):
+                        raise SlmquantError(f"spinquant: non-finite loss at step {step}")
+                    g_ = [G.double() for G in torch.autograd.grad(part, params)]
+                    grads = g_ if grads is None else [a + b for a, b in zip(grads, g_)]
+                    loss = loss + part.detach()
                 # the clip measures the gradient's tangent part skew(R^T G), the only part a Cayley
                 # step uses: the whole gradient's norm differs between the two forms (0.42 and 0.23
                 # measured on a tiny model, for the same tangent part, 6e-4)
@@ -277,7 +284,7 @@ def _rotation_cache(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig)
     from ..models import cache_dir, device_name
     from . import get_method
     learn = {k: getattr(cfg, k) for k in ("learn", "steps", "lr", "max_grad_norm", "seed", "a_bits", "a_sym",
-                                           "kv_bits", "use_r3")}
+                                           "batch", "kv_bits", "use_r3")}
     learn["train_w_spec"] = asdict(cfg.train_w_spec) if cfg.train_w_spec else None
     learn["dtype"], learn["device"] = str(next(model.parameters()).dtype), device_name()
     src = getattr(model, "slmquant_source", None)

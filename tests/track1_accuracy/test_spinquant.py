@@ -172,7 +172,24 @@ def test_a_rounded_kv_cache_is_learned_with_the_rotated_weights(monkeypatch, tmp
     assert forms == ["weights"] and len(list(tmp_path.glob("spinquant-rotations/*.pt"))) == 2
 
 
+def test_a_batch_step_averages_its_windows():
+    """batch=2 on two copies of one window takes the step batch=1 takes on that window; on two
+    different windows it takes another (their average); the paper profile steps on 8 windows."""
+    from slmquant.profiles import profile_settings
+    model, _ = tiny_model("llama", seed=7)
+    sq.prepare_(model)
+    a, b = torch.randint(0, 5000, (2, 32), generator=torch.Generator().manual_seed(3))
+    learn = lambda calib, batch: sq.learn_rotations(model, calib, make_config(
+        "spinquant", "w4a8", {**TINY, "steps": 1, "batch": batch}), progress=False)
+    one, twice, mixed = learn(a[None], 1), learn(torch.stack([a, a]), 2), learn(torch.stack([a, b]), 2)
+    assert torch.allclose(twice["R1"], one["R1"], atol=1e-12) and twice["loss"] == pytest.approx(one["loss"])
+    assert (mixed["R1"] - one["R1"]).abs().max() > 1e-6
+    assert profile_settings("spinquant", "paper") == {"batch": 8}
+
+
 def test_bad_settings_and_gemma3_are_refused():
+    with pytest.raises(SlmquantError, match="batch >= 1"):
+        make_config("spinquant", "w4a8", {"batch": 0})
     with pytest.raises(SlmquantError, match="kv_bits must be in"):
         make_config("spinquant", "w4a8", {"kv_bits": 12})
     with pytest.raises(SlmquantError, match="weights must be"):
