@@ -41,6 +41,8 @@ def _task_items(value: str) -> int | None:
 
 def columns(rows: list[tuple[str, ...]], indent: str = "  ", sep: str = " ") -> str:
     """Rows of text as left-aligned columns, each as wide as its longest entry."""
+    if not rows:
+        return ""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(indent + sep.join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

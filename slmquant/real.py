@@ -447,7 +447,7 @@ def load_real(folder, device: str = "cpu") -> tuple[nn.Module, object]:
             set_submodule(model, name, RealLinear.from_meta(m, device=device))
         elif m["type"] == "Int8Embedding":
             set_submodule(model, name, Int8Embedding(m["num"], m["dim"], device=device))
-        elif m["type"] == "AttnInputQuant":                  # rounded attention inputs (OmniQuant)
+        elif m["type"] == "AttnInputQuant":                  # rounded attention inputs (OmniQuant; SpinQuant's KV cache and R3)
             set_submodule(model, name, q := AttnInputQuant.from_meta(m))
             q.after_install(model)
     for name, m in meta["modules"].items():

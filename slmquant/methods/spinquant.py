@@ -50,7 +50,7 @@ class SpinQuantConfig(GPTQConfig):
     clipping search, for GPTQ and RTN weights alike (SmolLM2 W4A8, quick profile: x1.113 of float
     against x1.186 without; docs/spinquant.md).
     weights: "gptq" or "rtn". learn: learn R1/R2 (false: fixed random Hadamards, QuaRot-like, the
-    control). steps: Cayley SGD steps, one window of the calibration set each, in order (reference:
+    control). steps: Cayley SGD steps, `batch` windows of the calibration set each, in order (reference:
     100 steps of 8 windows of 2048 tokens). lr: the largest step (1.5, cosine decay to 0).
     max_grad_norm: global gradient-norm clip over R1 and every R2 (1.0: the reference's trainer).
     batch: windows per Cayley step, their gradients averaged, one window in memory at a time (1; the

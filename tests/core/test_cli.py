@@ -215,8 +215,8 @@ def test_cache_command_reports_and_prunes(monkeypatch, tmp_path, capsys):
 
 def test_quick_profile_budgets():
     """The quick profile's calibration: 65,536 tokens for every calibrating method, GPTQ cut into its
-    paper's 128 windows (of 512 tokens), the others into 32 of 2048; the paper profile sets nothing
-    (each method's own defaults) and RTN calibrates nothing."""
+    paper's 128 windows (of 512 tokens), the others into 32 of 2048; the paper profile sets each
+    method's own defaults (SpinQuant's 8 windows a step aside) and RTN calibrates nothing."""
     from slmquant.errors import SlmquantError
     from slmquant.methods import make_config
     from slmquant.profiles import profile_settings
@@ -245,6 +245,7 @@ def test_smoke_profile_builds_the_default_tiers_cells():
 def test_columns_fit_the_longest_entry():
     from slmquant.cli import columns
     text = columns([("a", "float", "~1 min"), ("qwen2.5-0.5b", "spinquant-w4a8-learn=false-seed=1", "~1 h")])
+    assert columns([]) == ""
     first, second = text.splitlines()
     assert first.index("~1 min") == second.index("~1 h")          # a long cell name pushes the column, not the row
     assert first.startswith("  a ") and second.endswith("~1 h")

@@ -158,30 +158,46 @@ def test_r3_spreads_key_outliers_before_the_kv_cache_rounds_them():
 
 def test_a_rounded_kv_cache_is_learned_with_the_rotated_weights(monkeypatch, tmp_path):
     """With kv_bits < 16, learning takes the rotated-weight form (V is rounded in R2's basis) even when
-    its weights are float (GPTQ follows), and learns rotations of its own (another cache entry)."""
+    its weights are float (GPTQ follows), every attention of the learning and of GPTQ's pass reads
+    the rounded KV cache, and the rotations are its own (another cache entry)."""
+    from slmquant import attn
     monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path))
     model, _ = tiny_model("qwen2", seed=4)
     calib = torch.randint(0, 5000, (2, 32))
-    forms = []
-    side = sq._hooks_weight_side
+    forms, calls = [], {"learn": 0, "all": 0}
+    side, qkv, learn = sq._hooks_weight_side, attn.AttnInputQuant.qkv, sq.learn_rotations
+
+    def counted(self, *a):
+        calls["all"] += 1
+        return qkv(self, *a)
+
+    def learning(*a, **k):
+        before = calls["all"]
+        out = learn(*a, **k)
+        calls["learn"] += calls["all"] - before
+        return out
     monkeypatch.setattr(sq, "_hooks_weight_side", lambda *a: forms.append("weights") or side(*a))
+    monkeypatch.setattr(attn.AttnInputQuant, "qkv", counted)
+    monkeypatch.setattr(sq, "learn_rotations", learning)
+    n = len(decoder_layers(model))
     q = quantize(copy.deepcopy(model), "spinquant", make_config("spinquant", "w4a8", {**TINY, "kv_bits": 4}), calib)
     assert forms == ["weights"] and q.slmquant_method_info["learned"]
+    assert calls["learn"] == TINY["steps"] * n and calls["all"] > calls["learn"]      # and GPTQ's pass
     assert len(list(tmp_path.glob("spinquant-rotations/*.pt"))) == 1
     quantize(copy.deepcopy(model), "spinquant", make_config("spinquant", "w4a8", TINY), calib)
     assert forms == ["weights"] and len(list(tmp_path.glob("spinquant-rotations/*.pt"))) == 2
 
 
 def test_a_batch_step_averages_its_windows():
-    """batch=2 on two copies of one window takes the step batch=1 takes on that window; on two
-    different windows it takes another (their average); the paper profile steps on 8 windows."""
+    """Two steps of batch=2 on windows a, a, b, b take the steps batch=1 takes on a, b (each step
+    averages its own two windows); on a, b, a, b they differ; the paper profile steps on 8 windows."""
     from slmquant.profiles import profile_settings
     model, _ = tiny_model("llama", seed=7)
     sq.prepare_(model)
     a, b = torch.randint(0, 5000, (2, 32), generator=torch.Generator().manual_seed(3))
-    learn = lambda calib, batch: sq.learn_rotations(model, calib, make_config(
-        "spinquant", "w4a8", {**TINY, "steps": 1, "batch": batch}), progress=False)
-    one, twice, mixed = learn(a[None], 1), learn(torch.stack([a, a]), 2), learn(torch.stack([a, b]), 2)
+    learn = lambda windows, batch: sq.learn_rotations(model, torch.stack(windows), make_config(
+        "spinquant", "w4a8", {**TINY, "steps": 2, "batch": batch}), progress=False)
+    one, twice, mixed = learn([a, b], 1), learn([a, a, b, b], 2), learn([a, b, a, b], 2)
     assert torch.allclose(twice["R1"], one["R1"], atol=1e-12) and twice["loss"] == pytest.approx(one["loss"])
     assert (mixed["R1"] - one["R1"]).abs().max() > 1e-6
     assert profile_settings("spinquant", "paper") == {"batch": 8}
