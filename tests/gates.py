@@ -211,8 +211,8 @@ NOT_RECORDED: dict[str, dict[str, str]] = {
         "qwen2-gptq-w4a8-calib_seqlen=512-sym=False": "about 50 min (GPTQ build, 40 x 2048 scoring)",
         "smollm2-spinquant-w4a16-calib_seqlen=512-steps=50": "about 15 min (W4A8 measured: 50 learned steps "
             "4 min, GPTQ 6 min, 40 x 2048 scoring 4 min)",
-        **{f"qwen2-spinquant-{b}-calib_seqlen=512{s}-steps=50": "about 60 min (learning, GPTQ build, 40 x 2048 "
-           "scoring, the float model's 10 more)" for b, s in (("w4a16", ""), ("w4a8", "-learn=False"))},
+        "qwen2-spinquant-w4a16-calib_seqlen=512-steps=50": "about 60 min (learning, GPTQ build, 40 x 2048 "
+            "scoring, the float model's 10 more)",
         "qwen2-smoothquant-w4a8-alpha_search=True-calib_samples=32-calib_seqlen=2048-weights=gptq":
             "about 60 min (alpha search and GPTQ build, 40 x 2048 scoring)",
     },
