@@ -246,14 +246,15 @@ def learn_rotations(model: nn.Module, calib: torch.Tensor, cfg: SpinQuantConfig,
         with torch.enable_grad():
             for step in bar:
                 grads, loss = None, 0.0
+                # the step's rotated weights, built once for its windows (their graph kept until the last)
+                weights = _rotated(base, params[0], params[1:], amap, hq, w_spec) if base else None
                 for j in range(cfg.batch):                        # one window at a time, averaged
                     w = calib[(step * cfg.batch + j) % len(calib)][None].to(dev)
                     kw = {"labels": w, "use_cache": False}
-                    part = (functional_call(model, _rotated(base, params[0], params[1:], amap, hq, w_spec), (w,), kw)
-                            if base else model(w, **kw)).loss / cfg.batch
+                    part = (functional_call(model, weights, (w,), kw) if base else model(w, **kw)).loss / cfg.batch
                     if not torch.isfinite(part):
                         raise SlmquantError(f"spinquant: non-finite loss at step {step}")
-                    g_ = [G.double() for G in torch.autograd.grad(part, params)]
+                    g_ = [G.double() for G in torch.autograd.grad(part, params, retain_graph=j < cfg.batch - 1)]
                     grads = g_ if grads is None else [a + b for a, b in zip(grads, g_)]
                     loss = loss + part.detach()
                 # the clip measures the gradient's tangent part skew(R^T G), the only part a Cayley
