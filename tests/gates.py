@@ -208,7 +208,6 @@ NOT_RECORDED: dict[str, dict[str, str]] = {
            for m, cost in (("smollm2", "about 5 min (GPTQ build, 40 x 2048 scoring)"),
                            ("qwen2", "about 15 min (GPTQ build, 40 x 2048 scoring)"))
            for b, g in (("w8a8", ""), ("w4a8", ""), ("w4a16", ""), ("w4a16", "-group_size=64"))},
-        "qwen2-gptq-w4a8-calib_seqlen=512-sym=False": "about 50 min (GPTQ build, 40 x 2048 scoring)",
         "smollm2-spinquant-w4a16-calib_seqlen=512-steps=50": "about 15 min (W4A8 measured: 50 learned steps "
             "4 min, GPTQ 6 min, 40 x 2048 scoring 4 min)",
         "qwen2-spinquant-w4a16-calib_seqlen=512-steps=50": "about 60 min (learning, GPTQ build, 40 x 2048 "
