@@ -393,6 +393,7 @@ def run_bench(models: list[str], methods: list[str], bits: list[str], tracks: tu
         def mark(t: int) -> None:                                # track t finished under today's identity
             res["tracks_done"] = sorted(set(res["tracks_done"]) | {t})
             res["identity"][str(t)] = (wants[s] or {}).get(str(t))
+            res.setdefault("track_machines", {})[str(t)] = res["machine"]   # a later run may redo other tracks elsewhere
             write_text_atomic(paths[s], json.dumps(res, indent=1, default=str))
         qmodel, model_key = model, float_key(model)
         if s.method != "none":

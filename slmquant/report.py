@@ -189,11 +189,33 @@ def build_report(results: dict[str, dict], paper: dict | None) -> dict:
     any_r = fl or (next(iter(results.values())) if results else {})
     float_acc = {c: fl[t]["acc_norm"] for c, t in _paired_tasks(fl, fl).items()} if fl else {}
     return {"model": model, "device_class": _device_class(any_r), "profile": any_r.get("profile"),
-            "machine": any_r.get("machine"),
+            "machine": any_r.get("machine"), "machines": _machines(results),
             "float": fl and fl.get("wikitext2") and {
                 "ppl": fl["wikitext2"]["ppl"], "n_tokens": fl["wikitext2"].get("n_tokens"),
                 "ppl_ci": ppl_interval(fl["wikitext2"].get("window_nll", []), fl["wikitext2"]["seqlen"] - 1), **float_acc},
             "paper_model": _paper_model(any_r), "rows": rows, "plotted": plotted}
+
+
+def _machine_line(m: dict) -> str:
+    v = m.get("versions") or {}
+    return (f"{m.get('threads')} torch thread(s), CPU capability {m.get('cpu_capability')}"
+            + (f", {m['cuda_device']}" if m.get("cuda_device") else "")
+            + f", torch {v.get('torch')}, transformers {v.get('transformers')}")
+
+
+def _machines(results: dict[str, dict]) -> dict[str, list[str]]:
+    """Each machine that measured these results -> what it measured: "cell track N" where a result
+    keeps the machine of every track (`track_machines`), else "cell (its last run)": a result
+    written before per-track records keeps only the machine of its latest run."""
+    out: dict[str, list[str]] = {}
+    for name, r in results.items():
+        per = r.get("track_machines") or {}
+        for t in r.get("tracks_done") or []:
+            if str(t) in per:
+                out.setdefault(_machine_line(per[str(t)]), []).append(f"{name} track {t}")
+        if r.get("machine") and any(str(t) not in per for t in r.get("tracks_done") or []):
+            out.setdefault(_machine_line(r["machine"]), []).append(f"{name} (its last run)")
+    return out
 
 
 def _outlier_series(fl: dict) -> dict:
@@ -245,12 +267,14 @@ def markdown_group(rep: dict, level: int = 2, link: str = "") -> str:
            f"Stand-in for {rep['paper_model'] or '?'}: the paper's values are shown as ratios to the paper "
            "model's own float baseline (its models and calibration split differ from these: compare the "
            "ratios, not the perplexities).", ""]
-    m = rep.get("machine")
-    if m:
-        v = m.get("versions") or {}
-        out += [f"Measured with {m.get('threads')} torch thread(s), CPU capability {m.get('cpu_capability')}"
-                + (f", {m['cuda_device']}" if m.get("cuda_device") else "")
-                + f", torch {v.get('torch')}, transformers {v.get('transformers')}.", ""]
+    machines = rep.get("machines") or {}
+    if len(machines) > 1:                            # a folder resumed or extended on another machine
+        out += ["Measured on more than one machine (an earlier track of a cell marked \"its last run\" "
+                "may have been measured elsewhere):", ""]
+        out += [f"- {line}: {', '.join(items)}." for line, items in machines.items()] + [""]
+    elif machines or rep.get("machine"):
+        line = next(iter(machines)) if machines else _machine_line(rep["machine"])
+        out += [f"Measured with {line}.", ""]
     if fl:
         accs = ", ".join(f"{t} {fl[t]:.3f}" for t in PERF_TASKS if t in fl)
         out += [f"Float: WikiText-2 perplexity {fl['ppl']:.3f}{_ci(fl['ppl_ci'])} over {fl['n_tokens']} tokens"

@@ -153,6 +153,8 @@ def test_run_writes_resumable_results(cheap_profile, tiny_folder, monkeypatch, t
     part["identity"]["3"] += "beef"
     part["quantization"]["stale"] = True
     part["wikitext2"]["kept"] = True                         # track 1 is not measured again
+    elsewhere = {"threads": 64, "cpu_capability": "ELSEWHERE"}
+    part["track_machines"]["1"] = elsewhere                  # measured on another machine: stays so
     (folder / "rtn-w4a8.json").write_text(json.dumps(part))
     assert main(["run", "--out", str(tmp_path), "--json", *sel]) == 0
     rows = {r["cell"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
@@ -160,6 +162,7 @@ def test_run_writes_resumable_results(cheap_profile, tiny_folder, monkeypatch, t
     again = json.loads((folder / "rtn-w4a8.json").read_text())
     assert again["tracks_done"] == [1, 2, 3] and again["infer"]["real"]["storage"] == infer["real"]["storage"]
     assert again["wikitext2"]["kept"] is True and "stale" not in again["quantization"]
+    assert again["track_machines"] == {"1": elsewhere, "2": again["machine"], "3": again["machine"]}
     assert again["identity"] == saved["rtn-w4a8"]["identity"]
     changed = {p.name for p in folder.glob("*.json") if p.stat().st_mtime_ns != stamp[p.name]}
     assert changed == {"float.json", "rtn-w4a8.json"}

@@ -183,6 +183,28 @@ def test_slmq_quant_needs_the_three_default_cells_built_on_one_machine():
     assert all(rows[c]["slmq_quant"] is None for c in ("smoothquant-w8a8", "omniquant-w8a8", "spinquant-w8a8"))
 
 
+def test_the_report_names_every_machine_that_measured_a_track():
+    """One machine: one line. A folder resumed on another machine: each machine with what it
+    measured, per track where the result keeps per-track machines, else per result."""
+    from slmquant.report import markdown_group
+    here, there = {"threads": 2, "cpu_capability": "AVX2"}, {"threads": 2, "cpu_capability": "AVX512"}
+    cells = {"float": _result("none", "w16a16", [6000.0, 6200.0]),
+             "rtn-w8a8": _result("rtn", "w8a8", [6100.0, 6300.0], (2.0, 3e8))}
+    for r in cells.values():
+        r["tracks_done"], r["track_machines"] = [1], {"1": there}
+    text = markdown_group({**build_report(cells, None), "drawn": {}})
+    assert "Measured with 2 torch thread(s), CPU capability AVX512," in text and "AVX2" not in text
+    cells["rtn-w8a8"].update(tracks_done=[1, 3], track_machines={"1": there, "3": here}, machine=here)
+    legacy = _result("gptq", "w8a8", [6100.0, 6300.0])      # written before per-track records
+    cells["gptq-w8a8"] = {**legacy, "tracks_done": [1, 2], "machine": here}
+    lines = markdown_group({**build_report(cells, None), "drawn": {}}).splitlines()
+    assert "Measured with" not in "\n".join(lines)
+    avx2, = (x for x in lines if "CPU capability AVX2" in x)
+    avx512, = (x for x in lines if "CPU capability AVX512" in x)
+    assert avx2.endswith(": rtn-w8a8 track 3, gptq-w8a8 (its last run).")
+    assert avx512.endswith(": float track 1, rtn-w8a8 track 1.")
+
+
 def test_the_cost_plot_draws_an_ablation_cell_beside_the_methods(tmp_path):
     """A cell with settings in its name (an ablation) has its own point, labelled by its name, in its
     width's panel (the plot once read the width from the name's last part and failed on it)."""
