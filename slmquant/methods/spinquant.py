@@ -57,7 +57,10 @@ class SpinQuantConfig(GPTQConfig):
     paper profile: 8, the reference's 8 GPUs x 1).
     kv_bits: K (after RoPE and R3) and V rounded per (head, token), asymmetric, to this many bits
     (16: float, the paper's W4A8 and W8A8). r3: Q and K turned by the head_dim Hadamard after RoPE
-    (None: when kv_bits < 16, as the reference)."""
+    (None: when kv_bits < 16, as the reference).
+    learn_weights: the weights learning sees. "auto": the reference's rule (float when GPTQ follows
+    and activations are rounded, RTN-rounded otherwise); "float"; "rtn": RTN-rounded to w_bits (at
+    W4A8, a loss that sees the 4-bit rounding the rotation is meant to ease)."""
     sym: bool = False
     a_sym: bool = False
     w_clip: bool = True
@@ -69,6 +72,7 @@ class SpinQuantConfig(GPTQConfig):
     batch: int = 1
     kv_bits: int = 16
     r3: bool | None = None
+    learn_weights: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,6 +84,10 @@ class SpinQuantConfig(GPTQConfig):
             raise SlmquantError("spinquant rounds the weights: w_bits must be below 16")
         if not (2 <= self.kv_bits <= 8 or self.kv_bits == 16):
             raise SlmquantError(f"kv_bits must be in 2..8, or 16 (float), got {self.kv_bits}")
+        if self.learn_weights not in ("auto", "float", "rtn"):
+            raise SlmquantError(f"learn_weights must be auto, float or rtn, got {self.learn_weights!r}")
+        if self.learn_weights == "float" and self.a_bits == 16 and self.kv_bits == 16:
+            raise SlmquantError("learn_weights=float with float activations leaves learning no rounding to reduce")
 
     @property
     def use_r3(self) -> bool:
@@ -92,6 +100,8 @@ class SpinQuantConfig(GPTQConfig):
     @property
     def train_w_spec(self):
         """The weight rounding learning sees (None: float)."""
+        if self.learn_weights != "auto":
+            return None if self.learn_weights == "float" else self.w_spec
         return None if self.weights == "gptq" and self.a_bits < 16 else self.w_spec
 
 

@@ -99,6 +99,13 @@ def test_learned_rotations_are_orthogonal_and_shared_by_w8a8_and_w4a8(monkeypatc
         assert info["learned"] and len(info["loss"]) == 2 and info["orthogonality_error"] < 1e-12
         assert all(p.grad is None for p in q.parameters())          # the frozen weights got none
     assert calls == ["w4a8", "w4a16"]         # W8A8 reads W4A8's rotations (both learned at W16A8)
+    # learning against RTN-rounded weights at W4A8 is another learning, which sees the 4-bit grid
+    seen = []
+    rotated = sq._rotated
+    monkeypatch.setattr(sq, "_rotated", lambda *a: seen.append(a[-1]) or rotated(*a))
+    cfg = make_config("spinquant", "w4a8", {**TINY, "learn_weights": "rtn"})
+    quantize(copy.deepcopy(model), "spinquant", cfg, calib)
+    assert calls == ["w4a8", "w4a16", "w4a8"] and seen and all(s == cfg.w_spec and s.bits == 4 for s in seen)
 
 
 @pytest.mark.parametrize("bits,extra", [("w4a8", {}), ("w4a16", {}), ("w4a16", {"w_clip": False}),
@@ -210,6 +217,10 @@ def test_bad_settings_and_gemma3_are_refused():
         make_config("spinquant", "w4a8", {"kv_bits": 12})
     with pytest.raises(SlmquantError, match="weights must be"):
         make_config("spinquant", "w4a8", {"weights": "awq"})
+    with pytest.raises(SlmquantError, match="learn_weights must be"):
+        make_config("spinquant", "w4a8", {"learn_weights": "gptq"})
+    with pytest.raises(SlmquantError, match="no rounding to reduce"):
+        make_config("spinquant", "w4a16", {"learn_weights": "float"})
     with pytest.raises(SlmquantError, match="w_bits must be below 16"):
         make_config("spinquant", "w16a8")
     model, _ = tiny_model("gemma3_text")
