@@ -100,6 +100,7 @@ SPECS = [(QSpec(8, True, "channel"), QSpec(8, True, "token")),
          (QSpec(4, True, "channel"), QSpec(8, True, "token")),
          (QSpec(4, False, "channel"), QSpec(8, True, "token")),
          (QSpec(8, False, "channel"), QSpec(8, False, "token")),
+         (QSpec(4, False, "channel"), QSpec(8, False, "token")),
          (QSpec(4, True, "channel"), None),
          (QSpec(4, False, "group", 16), None)]
 
@@ -113,10 +114,10 @@ def test_real_linear_computes_what_the_fake_quantized_layer_computes(w_spec, a_s
     x = torch.randn(3, 7, 64) * 3
     ref = q(x)
     assert r.kernel == RealLinear.default_kernel(w_spec, a_spec)
-    kernels = ["dequant"] if a_spec is None else ["int_mm", "dequant"] + (["onednn_u7x2"] if a_spec.sym else [])
-    if a_spec is not None and a_spec.sym and w_spec.bits == 4:
+    kernels = ["dequant"] if a_spec is None else ["int_mm", "dequant", "onednn_u7x2"]
+    if a_spec is not None and w_spec.bits == 4:
         kernels.append("onednn_u8s8")          # exact on any x86 with 4-bit weights
-    elif a_spec is not None and a_spec.sym and _has_vnni():
+    elif a_spec is not None and _has_vnni():
         kernels.append("onednn_u8s8")          # and with 8-bit weights where int8 products sum in int32
     for kernel in kernels:
         out = RealLinear.from_qlinear(q, kernel)(x)
