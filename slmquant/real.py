@@ -7,17 +7,17 @@ recovers the integer codes from those values exactly and refuses weights that ar
 grid, so nothing is rounded twice and a real model computes what its fake-quantized cell computes.
 
 Kernels, recorded per module (`RealLinear.kernel`) and per model (`kernel_paths`):
-- "onednn_u8s8" / "onednn_u7x2" (CPU, symmetric 8-bit activations): oneDNN's int8 matmul
+- "onednn_u8s8" / "onednn_u7x2" (CPU, 8-bit per-token activations, symmetric or asymmetric): oneDNN's int8 matmul
   (`torch.ops.onednn.qlinear_pointwise`, weights prepacked at first use; 4-bit weights are unpacked
   to int8 for it, so W4A8 runs with W8's memory and W4's storage). CPUs without VNNI sum u8 x s8
   pairs in saturating int16: exact for 4-bit weights, not for 8-bit ones, which take "u7x2": the
   activations split into two 7-bit halves, one call with twice the rows (exact, about twice the work).
-- "int_mm": `torch._int_mm` (int8 x int8 -> int32, exact): CUDA, and asymmetric activations; on a
-  CPU a slow reference loop.
+- "int_mm": `torch._int_mm` (int8 x int8 -> int32, exact): CUDA, and CPU builds without oneDNN (there
+  a slow reference loop).
 - "dequant": weights unpacked and dequantized on every call, a float matmul (W4A16, group-wise
   grids, activations other than 8-bit).
 Every integer path applies the activation and weight scales after the integer sums and corrects
-asymmetric weight zero points with row sums.
+asymmetric zero points (weights per row, activations per token) with row sums.
 """
 from __future__ import annotations
 
