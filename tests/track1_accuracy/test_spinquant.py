@@ -86,6 +86,44 @@ def test_the_two_training_forms_compute_the_same_loss(arch):
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+def test_learning_with_rounded_weights_gives_the_one_graph_gradients_without_its_graph(monkeypatch):
+    """The two-stage backward (the model's backward stops at the rounded weights; each layer's
+    weights are then built again with their graph) must give the gradients in R1 and every R2 of
+    one graph through the whole rotated, rounded model, over two windows; and the model must see
+    the weights as leaves, with no graph of the rotation behind them (the memory it saves)."""
+    from torch.func import functional_call
+
+    from slmquant.arch import arch_map
+    model, _ = tiny_model("qwen2", seed=7, dtype=torch.float64)
+    sq.prepare_(model)
+    model.requires_grad_(False)
+    amap, hq = arch_map(model), heads(model)
+    g = torch.Generator().manual_seed(3)
+    params = [rot.random_hadamard(model.config.hidden_size, g).requires_grad_()] + \
+             [rot.random_hadamard(hq[2], g).requires_grad_() for _ in decoder_layers(model)]
+    base = {f"{amap.layers}.{i}.{n}.{t}": getattr(layer.get_submodule(n), t).detach()
+            for i, layer in enumerate(decoder_layers(model)) for n in amap.linears for t in ("weight", "bias")
+            if getattr(layer.get_submodule(n), t, None) is not None}
+    cfg = make_config("spinquant", "w4a8", {"learn_weights": "rtn"})
+    handles = sq._hooks_weight_side(model, params, amap, cfg.a_spec)
+    wins = [torch.randint(0, 5000, (1, 24)) for _ in range(2)]
+    try:
+        weights = sq._rotated(base, params[0], params[1:], amap, hq, cfg.w_spec)
+        loss = sum(functional_call(model, weights, (w,), {"labels": w}).loss for w in wins) / 2
+        ref = torch.autograd.grad(loss, params)
+        seen = []
+        monkeypatch.setattr(sq, "functional_call", lambda m, ws, *a: seen.append(
+            all(t.grad_fn is None and t.requires_grad for t in ws.values())) or functional_call(m, ws, *a))
+        got, got_loss = sq._step_grads(model, wins, params, base, amap, hq, cfg.w_spec)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [True, True] and got_loss == pytest.approx(loss.item(), rel=1e-6)   # the loss is float32
+    assert len(got) == len(ref) and all(a.dtype == torch.float64 for a in got)
+    for a, b in zip(got, ref):
+        assert b.abs().max() > 0 and (a - b).abs().max() <= 1e-10 * b.abs().max()
+
+
 def test_learned_rotations_are_orthogonal_and_shared_by_w8a8_and_w4a8(monkeypatch, tmp_path):
     monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path))
     model, _ = tiny_model("qwen2", seed=4)
