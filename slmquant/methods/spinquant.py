@@ -226,7 +226,7 @@ def _step_grads(model, windows: list, params: list, base: dict, amap, hq, w_spec
     their graph, one layer at a time, to carry the weights' gradients to R1 and its R2 (chain rule,
     exact). The one-graph way held the rotation's and the rounding's intermediates for every layer
     at once, four more copies of the decoder's weights: Qwen2.5-0.5B's learning at W4A8 grew its
-    peak past 16 GiB."""
+    peak past 16 GiB. The price: the rotation's products computed twice a step (docs/spinquant.md)."""
     weights = {}
     if base:
         with torch.no_grad():
@@ -240,8 +240,13 @@ def _step_grads(model, windows: list, params: list, base: dict, amap, hq, w_spec
             raise SlmquantError(f"spinquant: non-finite loss at step {step}")
         g_ = torch.autograd.grad(part, leaves, allow_unused=True, materialize_grads=True)
         g_ = [G.double() for G in g_[:len(params)]] + list(g_[len(params):])    # R1, R2 summed in float64
-        grads = g_ if grads is None else [a + b for a, b in zip(grads, g_)]
+        if grads is None:
+            grads = g_
+        else:
+            for a, b in zip(grads, g_):
+                a.add_(b)
         loss += part.item()
+        del part, g_                # the graph's last references to the weights, and a window's gradients
     out = grads[:len(params)]
     dW = dict(zip(weights, grads[len(params):]))
     del weights, grads, leaves

@@ -3,6 +3,7 @@ fuse, R4 offline + online in a QLinear, R1, R2) keeps the float logits, learned 
 orthogonal and shared by W8A8 and W4A8 through the rotation cache, and a cell survives the cell
 cache and becomes a real low-bit model with its online Hadamard."""
 import copy
+import weakref
 
 import pytest
 import torch
@@ -111,14 +112,18 @@ def test_learning_with_rounded_weights_gives_the_one_graph_gradients_without_its
         weights = sq._rotated(base, params[0], params[1:], amap, hq, cfg.w_spec)
         loss = sum(functional_call(model, weights, (w,), {"labels": w}).loss for w in wins) / 2
         ref = torch.autograd.grad(loss, params)
-        seen = []
+        seen, leaf, freed = [], [], []
         monkeypatch.setattr(sq, "functional_call", lambda m, ws, *a: seen.append(
-            all(t.grad_fn is None and t.requires_grad for t in ws.values())) or functional_call(m, ws, *a))
+            all(t.grad_fn is None and t.requires_grad for t in ws.values())) or leaf.append(
+            weakref.ref(next(iter(ws.values())))) or functional_call(m, ws, *a))
+        layer = sq._rotated_layer
+        monkeypatch.setattr(sq, "_rotated_layer", lambda *a: (leaf and freed.append(leaf[-1]() is None)) or layer(*a))
         got, got_loss = sq._step_grads(model, wins, params, base, amap, hq, cfg.w_spec)
     finally:
         for h in handles:
             h.remove()
-    assert seen == [True, True] and got_loss == pytest.approx(loss.item(), rel=1e-6)   # the loss is float32
+    # the second stage runs with the first stage's weights freed, one layer's graph at a time
+    assert seen == [True, True] and freed == [True] * len(params[1:]) and got_loss == pytest.approx(loss.item(), rel=1e-6)   # the loss is float32
     assert len(got) == len(ref) and all(a.dtype == torch.float64 for a in got)
     for a, b in zip(got, ref):
         assert b.abs().max() > 0 and (a - b).abs().max() <= 1e-10 * b.abs().max()
