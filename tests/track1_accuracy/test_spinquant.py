@@ -57,22 +57,28 @@ def test_the_methods_surgery_keeps_the_float_logits(arch, r3):
     assert (out - ref).abs().max() <= 1e-6 * ref.abs().max()     # float32 RMSNorm (test_rotation.py)
 
 
+def _start(arch: str, seed: int, rot_seed: int, dtype=torch.float32):
+    """A prepared tiny model, random Hadamards R1 and R2s in its dtype, and its decoder linears'
+    weights (and v's bias) by parameter name: what both training forms start from."""
+    from slmquant.arch import arch_map
+    model, _ = tiny_model(arch, seed=seed, dtype=dtype)
+    sq.prepare_(model)
+    amap, hq = arch_map(model), heads(model)
+    g = torch.Generator().manual_seed(rot_seed)
+    params = [rot.random_hadamard(model.config.hidden_size, g).to(dtype)] + \
+             [rot.random_hadamard(hq[2], g).to(dtype) for _ in decoder_layers(model)]
+    base = {f"{amap.layers}.{i}.{n}.{t}": getattr(layer.get_submodule(n), t).detach()
+            for i, layer in enumerate(decoder_layers(model)) for n in amap.linears for t in ("weight", "bias")
+            if getattr(layer.get_submodule(n), t, None) is not None}
+    return model, amap, hq, params, base
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_the_two_training_forms_compute_the_same_loss(arch):
     """Learning with float weights turns the rounded activations (no weight product per step); it
     must give the loss of the rotated-weight form (which rounded weights need) at the same R1, R2."""
     from torch.func import functional_call
-
-    from slmquant.arch import arch_map
-    model, _ = tiny_model(arch, seed=6)
-    sq.prepare_(model)
-    amap, hq = arch_map(model), heads(model)
-    g = torch.Generator().manual_seed(2)
-    params = [rot.random_hadamard(model.config.hidden_size, g).float()] + \
-             [rot.random_hadamard(hq[2], g).float() for _ in decoder_layers(model)]
-    base = {f"{amap.layers}.{i}.{n}.{t}": getattr(layer.get_submodule(n), t).detach()
-            for i, layer in enumerate(decoder_layers(model)) for n in amap.linears for t in ("weight", "bias")
-            if getattr(layer.get_submodule(n), t, None) is not None}
+    model, amap, hq, params, base = _start(arch, seed=6, rot_seed=2)
     a_spec = make_config("spinquant", "w8a8").a_spec
     w = torch.randint(0, 5000, (1, 32))
     losses = []
@@ -93,18 +99,9 @@ def test_learning_with_rounded_weights_gives_the_one_graph_gradients_without_its
     one graph through the whole rotated, rounded model, over two windows; and the model must see
     the weights as leaves, with no graph of the rotation behind them (the memory it saves)."""
     from torch.func import functional_call
-
-    from slmquant.arch import arch_map
-    model, _ = tiny_model("qwen2", seed=7, dtype=torch.float64)
-    sq.prepare_(model)
+    model, amap, hq, params, base = _start("qwen2", seed=7, rot_seed=3, dtype=torch.float64)
     model.requires_grad_(False)
-    amap, hq = arch_map(model), heads(model)
-    g = torch.Generator().manual_seed(3)
-    params = [rot.random_hadamard(model.config.hidden_size, g).requires_grad_()] + \
-             [rot.random_hadamard(hq[2], g).requires_grad_() for _ in decoder_layers(model)]
-    base = {f"{amap.layers}.{i}.{n}.{t}": getattr(layer.get_submodule(n), t).detach()
-            for i, layer in enumerate(decoder_layers(model)) for n in amap.linears for t in ("weight", "bias")
-            if getattr(layer.get_submodule(n), t, None) is not None}
+    params = [R.requires_grad_() for R in params]
     cfg = make_config("spinquant", "w4a8", {"learn_weights": "rtn"})
     handles = sq._hooks_weight_side(model, params, amap, cfg.a_spec)
     wins = [torch.randint(0, 5000, (1, 24)) for _ in range(2)]
