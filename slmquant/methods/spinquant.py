@@ -238,7 +238,9 @@ def _step_grads(model, windows: list, params: list, base: dict, amap, hq, w_spec
         part = (functional_call(model, weights, (w,), kw) if base else model(w, **kw)).loss / len(windows)
         if not torch.isfinite(part):
             raise SlmquantError(f"spinquant: non-finite loss at step {step}")
-        g_ = torch.autograd.grad(part, leaves, allow_unused=True, materialize_grads=True)
+        # R2 reaches this loss through the weights alone in the rotated-weight form (zeros here);
+        # in the activation-side form every rotation must be used: a hook that failed would raise
+        g_ = torch.autograd.grad(part, leaves, allow_unused=bool(base), materialize_grads=bool(base))
         g_ = [G.double() for G in g_[:len(params)]] + list(g_[len(params):])    # R1, R2 summed in float64
         if grads is None:
             grads = g_
