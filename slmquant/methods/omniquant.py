@@ -116,8 +116,9 @@ class Block:
             self.let["v_o"] = _let_init(kv_max(act_max[o], hq), kv_max(self.W[o].abs().amax(0), hq), cfg.alpha)
         spec = cfg.w_spec
         rows = lambda W: W.shape[0] * (W.shape[1] // spec.group_size if spec.group_size else 1)
-        self.lwc = {n: (torch.full((rows(W),), LWC_INIT, dtype=torch.float32),
-                        torch.full((rows(W),), LWC_INIT, dtype=torch.float32)) for n, W in self.W.items()}
+        self.lwc = {n: (torch.full((rows(W),), LWC_INIT, dtype=torch.float32, device=W.device),
+                        torch.full((rows(W),), LWC_INIT, dtype=torch.float32, device=W.device))
+                    for n, W in self.W.items()}
         for t in self.params():
             t.requires_grad_(True)
 

@@ -98,6 +98,20 @@ def test_lwc_starts_at_the_reference_clip_and_learns():
     assert res["loss"][-1] < res["loss"][0]
 
 
+def test_a_block_keeps_every_tensor_on_its_layer_device():
+    """LET scales and LWC logits live where the layer's weights do (a CUDA model trains on CUDA);
+    checked on the meta device, which any CPU-created tensor would not match."""
+    model, _ = tiny_model("qwen2", seed=1)
+    cfg = make_config("omniquant", "w4a8", TINY)
+    layer, blk, x, kw = next(_blocks(model, torch.randint(0, 5000, (2, 32)), cfg, 0.0))
+    _, act_max = oq.float_pass(layer, arch_map(model), x, kw)
+    layer = layer.to("meta")
+    blk = oq.Block(layer, {n: a.to("meta") for n, a in act_max.items()}, cfg, arch_map(model), heads(model))
+    assert blk.let and blk.lwc
+    assert {t.device.type for t in blk.params()} == {"meta"}
+    assert {t.device.type for t in blk.weights().values()} == {"meta"}
+
+
 def test_aug_loss_targets_the_float_block_on_the_quantized_stream(monkeypatch, tmp_path):
     """aug_loss adds the MSE to the float block run on the quantized block's own inputs. At block 0
     those inputs are the float ones, so the loss is twice the plain loss (AdamW is invariant to the
