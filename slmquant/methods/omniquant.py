@@ -56,7 +56,10 @@ class OmniQuantConfig(CalibConfig):
     (each position's squared error relative to its float target's mean square, averaged over
     positions: the error every later RMSNorm sees, so that a few massive-activation positions do
     not outweigh the rest of the window; 8% more KL than mse on SmolLM2 W4A8's held-out windows,
-    docs/omniquant.md)."""
+    docs/omniquant.md).
+    let_down: also learn a LET pair up_proj -> down_proj (up's rows / s, down's columns * s: exact
+    through the gated product act(gate) * up), started like the others from down_proj's input
+    maxima. Not in the reference (its llama LET leaves down_proj alone); off by default."""
     sym: bool = False
     epochs: int = 20
     lwc_lr: float = 1e-2
@@ -70,6 +73,7 @@ class OmniQuantConfig(CalibConfig):
     quant_attn: bool = False
     aug_loss: bool = False
     loss: str = "mse"
+    let_down: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,6 +118,9 @@ class Block:
                 self.let[b.prev] = _let_init(act_max[b.linears[0]], self.W[key].abs().amax(0), cfg.alpha)
             o = amap.v_o.linears[0]
             self.let["v_o"] = _let_init(kv_max(act_max[o], hq), kv_max(self.W[o].abs().amax(0), hq), cfg.alpha)
+            if cfg.let_down:
+                d = amap.up_down.linears[0]
+                self.let["up_down"] = _let_init(act_max[d], self.W[d].abs().amax(0), cfg.alpha)
         spec = cfg.w_spec
         rows = lambda W: W.shape[0] * (W.shape[1] // spec.group_size if spec.group_size else 1)
         self.lwc = {n: (torch.full((rows(W),), LWC_INIT, dtype=torch.float32, device=W.device),
@@ -173,6 +180,13 @@ class Block:
             if v in b:
                 b[v] = b[v] / s
             W[o] = W[o] * kv_to_q(s, self.hq)
+        if "up_down" in self.let:
+            up, down = a.up_down.prev, a.up_down.linears[0]
+            s = self.let["up_down"].to(W[up].dtype)
+            W[up] = W[up] / s[:, None]                                            # up rows / s
+            if up in b:
+                b[up] = b[up] / s
+            W[down] = W[down] * s                                                 # down columns * s
         out = {f"{k}.weight": v_.to(self.norm[k].dtype) for k, v_ in norm.items()}
         out.update({f"{k}.bias": v_.to(self.b[k].dtype) for k, v_ in b.items()})
         if not quantize:
@@ -277,9 +291,9 @@ def fold_block_(layer: nn.Module, blk: Block, cfg: OmniQuantConfig, quantize: bo
 @torch.no_grad()
 def float_pass(layer: nn.Module, amap, inputs: list[torch.Tensor], kw: dict):
     """The float block on float inputs: (outputs, the LET start's per-channel max|x| at the inputs
-    of q/k/v, gate/up and o)."""
+    of q/k/v, gate/up, o and down)."""
     act_max: dict[str, torch.Tensor] = {}
-    keys = {amap.attn_in.linears[0], amap.mlp_in.linears[0], amap.v_o.linears[0]}
+    keys = {amap.attn_in.linears[0], amap.mlp_in.linears[0], amap.v_o.linears[0], amap.up_down.linears[0]}
     with input_hooks({n: layer.get_submodule(n) for n in keys}, lambda n, x: act_absmax(act_max, n, x)):
         return [layer(x, **kw) for x in inputs], act_max
 

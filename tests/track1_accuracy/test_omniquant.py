@@ -38,35 +38,40 @@ def _blocks(model, calib, cfg, perturb: float, seed: int = 0):
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
 @pytest.mark.parametrize("perturb", [0.0, 0.5])
-def test_let_fold_keeps_the_float_output(arch, perturb):
+@pytest.mark.parametrize("let_down", [False, True])
+def test_let_fold_keeps_the_float_output(arch, perturb, let_down):
     model, _ = tiny_model(arch, seed=3, dtype=torch.float64)
     calib, ids = torch.randint(0, 5000, (2, 24)), torch.randint(0, 5000, (2, 20))
-    cfg = make_config("omniquant", "w4a8", TINY)
+    cfg = make_config("omniquant", "w4a8", {**TINY, "let_down": let_down})
+    mlp = model.model.layers[0].mlp
     with torch.no_grad():
         ref = model(ids).logits
-        v0 = model.model.layers[0].self_attn.v_proj.weight.clone()
+        v0, down0 = model.model.layers[0].self_attn.v_proj.weight.clone(), mlp.down_proj.weight.clone()
     for layer, blk, _, _ in list(_blocks(model, calib, cfg, perturb)):
         n_q, n_kv, hd = heads(model)
         assert blk.let["v_o"].shape == (n_kv * hd,)                  # one factor per kv channel
+        assert ("up_down" in blk.let) == let_down
         oq.fold_block_(layer, blk, cfg, quantize=False)
     with torch.no_grad():
         out = model(ids).logits
     assert not torch.equal(v0, model.model.layers[0].self_attn.v_proj.weight)        # it did something
+    assert torch.equal(down0, mlp.down_proj.weight) != let_down                      # down scaled iff let_down (up undoes it: logits below)
     # Gemma3RMSNorm computes in float32 even in a float64 model (see test_smoothquant.py)
     tol = 1e-5 * ref.abs().max() if arch == "gemma3_text" else 1e-9
     assert (out - ref).abs().max() <= tol
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
-@pytest.mark.parametrize("bits", ["w4a8", "w4a16", "w8a8", "w4a8-quant_attn"])
+@pytest.mark.parametrize("bits", ["w4a8", "w4a16", "w8a8", "w4a8-quant_attn", "w4a8-let_down"])
 def test_trained_block_is_the_folded_block(arch, bits):
     """The training forward (functional weights, straight-through activation rounding in hooks;
     with quant_attn, the attention inputs rounded straight-through) and the folded block (QLinears)
     compute the same function after training."""
     model, _ = tiny_model(arch, seed=5)
     calib = torch.randint(0, 5000, (2, 32))
-    bits, _, qa = bits.partition("-")
-    cfg = make_config("omniquant", bits, {**TINY, "epochs": 3, **({"quant_attn": True} if qa else {})})
+    bits, _, opt = bits.partition("-")
+    qa = opt == "quant_attn"
+    cfg = make_config("omniquant", bits, {**TINY, "epochs": 3, **({opt: True} if opt else {})})
     layer, blk, x, kw = next(_blocks(model, calib, cfg, 0.0))
     target, _ = oq.float_pass(layer, arch_map(model), x, kw)
     if qa:
