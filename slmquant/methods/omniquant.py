@@ -16,7 +16,8 @@ attention inputs (Q and K after RoPE, V) per (head, token): `quant_attn` does so
 by default as in the paper's setting. q/k scaling is not learned: with Q and K unrounded it is inert
 (a per-row scale of q and k rows commutes with per-row weight rounding); with `quant_attn` it would
 balance Q's and K's channels before their rounding, but it acts before RoPE, where it is exact only
-if both channels of each rotation pair share a factor: not built (the reference starts it at ones)."""
+if both channels of each rotation pair share a factor: not built (the reference starts it at ones).
+`let_down` adds a LET pair the reference does not have: up_proj -> down_proj (off by default)."""
 from __future__ import annotations
 
 import hashlib
@@ -87,6 +88,8 @@ class OmniQuantConfig(CalibConfig):
             raise SlmquantError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.quant_attn and self.a_bits == 16:
             raise SlmquantError("quant_attn=true needs quantized activations (a_bits < 16)")
+        if self.let_down and not self.use_let:
+            raise SlmquantError("let_down=true needs LET (quantized activations, let not false)")
         if self.let and self.a_bits == 16:
             raise SlmquantError("let=true needs quantized activations (a_bits < 16): LET only moves "
                                 "activation outliers into the weights")

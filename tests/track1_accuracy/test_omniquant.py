@@ -276,6 +276,9 @@ def test_bad_settings_are_refused(setting, message):
         make_config("omniquant", "w4a16", {"let": "true"})
     with pytest.raises(SlmquantError, match="quant_attn=true needs quantized activations"):
         make_config("omniquant", "w4a16", {"quant_attn": "true"})
+    for bits, sets in (("w4a16", {"let_down": "true"}), ("w4a8", {"let": "false", "let_down": "true"})):
+        with pytest.raises(SlmquantError, match="let_down=true needs LET"):
+            make_config("omniquant", bits, sets)
 
 
 @pytest.mark.parametrize("alias", [pytest.param("smollm2-135m", marks=pytest.mark.smollm2),
@@ -283,12 +286,13 @@ def test_bad_settings_are_refused(setting, message):
 def test_let_fold_keeps_the_whole_bundled_model(alias, float_models):
     """The same fold on the real models in float32, one window of 128 WikiText-2 tokens: the LET
     start computed from that window (SmolLM2's activation maxima reach the hundreds, so s spans
-    orders of magnitude), folded into every block without quantization."""
+    orders of magnitude), folded into every block without quantization; with `let_down`, so that
+    SmolLM2's large down_proj inputs are folded too."""
     from slmquant import evaluate
     model, tok = float_models(alias)
     model = copy.deepcopy(model).float()
     ids = evaluate.wikitext2_tokens(tok)[:128][None].to(next(model.parameters()).device)
-    cfg = make_config("omniquant", "w4a8", {"calib_samples": 1, "calib_seqlen": 128})
+    cfg = make_config("omniquant", "w4a8", {"calib_samples": 1, "calib_seqlen": 128, "let_down": True})
     with torch.no_grad():
         ref = model(ids).logits
     spans = []
