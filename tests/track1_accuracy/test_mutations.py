@@ -180,6 +180,44 @@ MUTATIONS = [
 ]
 
 
+def private_resume_dir(tmp_path: Path):
+    """A stand-in for omniquant._resume_dir that keeps a mutated build's finished blocks under
+    tmp_path, keyed as the real one."""
+    real = oq_mod._resume_dir
+    return lambda model, calib_, cfg: tmp_path / "omniquant-resume" / real(model, calib_, cfg).name
+
+
+def test_a_mutated_omniquant_build_never_reads_the_shared_resume_folder(monkeypatch, tmp_path):
+    """Blocks left in the shared resume folder by another build of the same key (here: a build
+    whose training was skipped, as the no-training mutation's) reach a build that resumes there and
+    not one given the private folder."""
+    from slmquant.methods import make_config, quantize
+    from slmquant.models import tiny_model
+    monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path / "cache"))
+    model, _ = tiny_model("llama", seed=0)
+    cfg = make_config("omniquant", "w4a8", {"calib_samples": 2, "calib_seqlen": 32, "epochs": 2})
+    calib_ = torch.randint(0, 5000, (2, 32))
+    shared = oq_mod._resume_dir(model, calib_, cfg)
+    real_train = oq_mod.train_block
+    monkeypatch.setattr(oq_mod, "train_block", lambda *a: {"loss": [], "nonfinite": False})
+    def leave(*a):                        # the untrained build stops after its first block is saved
+        raise KeyboardInterrupt
+    monkeypatch.setattr(oq_mod, "fold_block_", leave)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(copy.deepcopy(model), "omniquant", cfg, calib_)
+    monkeypatch.undo()
+    monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path / "cache"))
+    assert (shared / "block0.pt").exists() and oq_mod.train_block is real_train
+    monkeypatch.setattr(oq_mod, "_resume_dir", private_resume_dir(tmp_path / "private"))
+    kept = quantize(copy.deepcopy(model), "omniquant", cfg, calib_)
+    assert kept.slmquant_method_info["resumed_blocks"] == 0 and kept.slmquant_method_info["loss"][0]
+    monkeypatch.undo()
+    monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path / "cache"))
+    poisoned = quantize(copy.deepcopy(model), "omniquant", cfg, calib_)
+    assert poisoned.slmquant_method_info["resumed_blocks"] == 1          # what the private folder avoids
+    assert poisoned.slmquant_method_info["loss"][0] == []
+
+
 def _param(m: Mutation):
     marks = [getattr(pytest.mark, m.method), getattr(pytest.mark, m.bits), pytest.mark.mutation]
     return pytest.param(m, id=f"{m.method}-{m.bits}-{m.name}", marks=marks + [pytest.mark.slow] * m.slow)
@@ -217,6 +255,12 @@ def test_mutation_is_caught(mutation, monkeypatch, float_models, float_ref, gate
                                       cfg, progress=False)
             del prepared
             monkeypatch.setattr(spin_mod, "_rotation_cache", gates.private_rotation_cache(tmp_path, copy_shared=True))
+        if cell.method == "omniquant":
+            # OmniQuant's resume folder is keyed by the settings and the file, not by what a mutation
+            # patches: a mutated build in one xdist worker and the unmutated cell's build in another
+            # would read each other's finished blocks (it happened: the gate cell resumed untrained
+            # blocks and failed). Mutated builds keep theirs apart.
+            monkeypatch.setattr(oq_mod, "_resume_dir", private_resume_dir(tmp_path))
         mutation.apply(monkeypatch)
         try:
             torch.manual_seed(0)
