@@ -76,7 +76,7 @@ class Spec:
     def config(self, profile: str):
         from .methods import make_config
         from .profiles import profile_settings
-        return make_config(self.method, self.bits, {**profile_settings(self.method, profile), **dict(self.settings)})
+        return make_config(self.method, self.bits, {**profile_settings(self.method, profile, self.bits), **dict(self.settings)})
 
 
 def parse_cells(given: str) -> list[tuple[str, str, tuple[tuple[str, str], ...]]]:

@@ -121,7 +121,7 @@ def _quantized(args, model, tok, method: str, bits: str):
     from .cells import Cell, CellCache
     from .methods import make_config
     from .profiles import profile_settings
-    over = {**profile_settings(method, args.profile), **_settings(args.set, args.group_size)}
+    over = {**profile_settings(method, args.profile, bits), **_settings(args.set, args.group_size)}
     cfg = make_config(method, bits, over)
     cell = Cell(args.model, method, cfg)
     qmodel, record, built = CellCache().get(cell, model, tok)

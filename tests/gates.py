@@ -170,17 +170,21 @@ def _check_lower_bounds(cell: Cell, metrics: dict, recorded: dict | None) -> lis
 
 # OmniQuant's quick-profile settings (slmquant/profiles.py) as its cell ids spell them
 OQ_QUICK = "calib_samples=64-calib_seqlen=512-epochs=2-let_lr=0.02-lwc_lr=0.1"
+OQ_QUICK_W4A8 = "calib_samples=64-calib_seqlen=512-epochs=2-let_down=True-let_lr=0.02-lwc_lr=0.1"
 
 # Cells that fail a gate today, with the measured reason, keyed by (gate, cell id): a known failure of
 # one gate excuses that gate only. The test turns into a failure when the gate starts passing, so that
 # the entry is removed, not forgotten. Gates: "damage", "vs_rtn", "ppl", "suspicious", "band" (default
 # tier), "quick_ppl" (quick-profile ceilings and targets), "tasks" (task recovery floors).
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("quick_ppl", f"smollm2-omniquant-w4a8-{OQ_QUICK}"): (
-        "OmniQuant W4A8 on SmolLM2 (quick profile, 64 x 512 x 2 epochs, lwc_lr 0.1, let_lr 0.02): "
-        "28.610, x1.404 of float, short of the issue's x1.25; better than RTN with the same asymmetric "
-        "weights (x1.882) and SmoothQuant with GPTQ weights (x1.556), tied with GPTQ asym (28.61) "
-        "(docs/omniquant.md)"),
+    ("quick_ppl", f"smollm2-omniquant-w4a8-{OQ_QUICK_W4A8}"): (
+        "OmniQuant W4A8 on SmolLM2 (quick profile, 64 x 512 x 2 epochs, lwc_lr 0.1, let_lr 0.02, "
+        "let_down): 26.694, x1.310 of float, short of the issue's x1.25; better than RTN asym (x1.882), "
+        "GPTQ asym (x1.403) and SmoothQuant with GPTQ weights (x1.556) (docs/omniquant.md)"),
+    ("quick_ppl", f"qwen2-omniquant-w4a8-{OQ_QUICK_W4A8}"): (
+        "OmniQuant W4A8 on Qwen (quick profile, let_down): 35.640, x1.157 of float, within 25% but "
+        "worse than GPTQ W4A8 with the same asymmetric per-channel weights (34.734, x1.128), the "
+        "issue's comparison (docs/omniquant.md)"),
     ("quick_ppl", "smollm2-smoothquant-w8a8-calib_samples=32-calib_seqlen=2048"): (
         "SmoothQuant W8A8 at alpha 0.5 on SmolLM2 (quick profile): ppl_ratio 1.0161 on AVX-512 (1.017 "
         "on AVX2), short of the issue's 1.5% above float; the alpha-search cell meets it (1.014)"),
@@ -266,6 +270,9 @@ QUICK_TARGETS: dict[tuple[str, str], dict] = {
     ("gptq", "w4a16"): {"gap_closed": 0.5},
     ("omniquant", "w8a8"): {"max_ppl_ratio": 1.015},       # within 1.5% of float
     ("omniquant", "w4a8"): {"max_ppl_ratio": 1.25, "gap_closed": 0.0},   # within 25%, better than RTN
+    # ... and better than GPTQ W4A8 with the same asymmetric per-channel weights: on Qwen 34.734 /
+    # 30.793 (docs/omniquant.md); on SmolLM2 GPTQ asym's x1.403 is above the 1.25 already
+    ("omniquant", "w4a8", "qwen2.5-0.5b"): {"max_ppl_ratio": 1.1279, "gap_closed": 0.0},
     ("spinquant", "w8a8"): {"max_ppl_ratio": 1.01},                     # within 1% of float
     ("spinquant", "w4a8", "smollm2-135m"): {"max_ppl_ratio": 1.15},
     ("spinquant", "w4a8", "qwen2.5-0.5b"): {"max_ppl_ratio": 1.20},

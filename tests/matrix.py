@@ -81,7 +81,7 @@ def make_cell(model: str, method: str, bits: str, settings: dict, tier: Tier) ->
     cls = all_methods()[method].config
     over = dict(settings)
     if tier.calib is None:
-        over = {**profile_settings(method, "quick"), **over}
+        over = {**profile_settings(method, "quick", bits), **over}
     elif issubclass(cls, CalibConfig):
         names = {f.name for f in fields(cls)}
         over = {**{k: v for k, v in tier.calib if k in names}, **over}

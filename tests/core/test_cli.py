@@ -223,13 +223,27 @@ def test_quick_profile_budgets():
     from slmquant.errors import SlmquantError
     from slmquant.methods import make_config
     from slmquant.profiles import profile_settings
-    assert profile_settings("gptq", "quick") == {"calib_samples": 128, "calib_seqlen": 512}
-    assert profile_settings("smoothquant", "quick") == {"calib_samples": 32, "calib_seqlen": 2048}
-    assert profile_settings("rtn", "quick") == {} == profile_settings("gptq", "paper")
+    assert profile_settings("gptq", "quick", "w4a16") == {"calib_samples": 128, "calib_seqlen": 512}
+    assert profile_settings("smoothquant", "quick", "w8a8") == {"calib_samples": 32, "calib_seqlen": 2048}
+    assert profile_settings("rtn", "quick", "w4a8") == {} == profile_settings("gptq", "paper", "w4a8")
     paper = make_config("gptq", "w4a16")
     assert (paper.calib_samples, paper.calib_seqlen) == (128, 2048)
     with pytest.raises(SlmquantError, match="choose quick, paper, smoke"):
-        profile_settings("gptq", "fast")
+        profile_settings("gptq", "fast", "w4a8")
+
+
+def test_quick_profile_adds_let_down_to_omniquant_w4a8_only():
+    """OmniQuant's LET pair up_proj -> down_proj is a quick-profile setting of its W4A8 cell alone
+    (measured there); W8A8 keeps the reference's pairs, W4A16 (LWC only, where let_down is refused)
+    builds its config, and the paper and smoke profiles never add it."""
+    from slmquant.methods import make_config
+    from slmquant.profiles import profile_settings
+    assert profile_settings("omniquant", "quick", "w4a8")["let_down"] is True
+    for bits in ("w8a8", "w4a16"):
+        assert "let_down" not in profile_settings("omniquant", "quick", bits)
+        assert make_config("omniquant", bits, profile_settings("omniquant", "quick", bits)).let_down is False
+    assert make_config("omniquant", "w4a8", profile_settings("omniquant", "quick", "w4a8")).let_down is True
+    assert not any("let_down" in profile_settings("omniquant", p, "w4a8") for p in ("paper", "smoke"))
 
 
 def test_smoke_profile_builds_the_default_tiers_cells():
@@ -241,7 +255,7 @@ def test_smoke_profile_builds_the_default_tiers_cells():
     from tests.matrix import DEFAULT, make_cell
     for method in all_methods():
         for bits in ("w8a8", "w4a8"):
-            smoke = Cell("smollm2-135m", method, make_config(method, bits, profile_settings(method, "smoke")))
+            smoke = Cell("smollm2-135m", method, make_config(method, bits, profile_settings(method, "smoke", bits)))
             assert smoke == make_cell("smollm2-135m", method, bits, {}, DEFAULT), (method, bits)
 
 

@@ -247,7 +247,7 @@ def test_a_batch_step_averages_its_windows():
     one, twice, mixed = learn([a, b], 1), learn([a, a, b, b], 2), learn([a, b, a, b], 2)
     assert torch.allclose(twice["R1"], one["R1"], atol=1e-12) and twice["loss"] == pytest.approx(one["loss"])
     assert (mixed["R1"] - one["R1"]).abs().max() > 1e-6
-    assert profile_settings("spinquant", "paper") == {"batch": 8}
+    assert profile_settings("spinquant", "paper", "w4a8") == {"batch": 8}
 
 
 def test_bad_settings_and_gemma3_are_refused():
