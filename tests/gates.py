@@ -202,8 +202,6 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
 # `pytest --runslow -p no:randomly 'TEST[CELL]' --snapshot-update`, then remove the entry.
 NOT_RECORDED: dict[str, dict[str, str]] = {
     "test_cell_quick_profile": {
-        f"smollm2-omniquant-w4a16-{OQ_QUICK}":
-            "about 16 min (13 min of training measured at W4A8, 40 x 2048 scoring)",
         **{f"qwen2-omniquant-{b}-{OQ_QUICK}":
            "about 65 min (W4A8 measured at these rates: 47 min of training at 2 threads, 15 min "
            "scoring, the float model's 12 more)" for b in ("w8a8", "w4a16")},
