@@ -185,6 +185,10 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
         "OmniQuant W4A8 on Qwen (quick profile, let_down): 35.640, x1.157 of float, within 25% but "
         "worse than GPTQ W4A8 with the same asymmetric per-channel weights (34.734, x1.128), the "
         "issue's comparison (docs/omniquant.md)"),
+    ("quick_ppl", f"qwen2-omniquant-w8a8-{OQ_QUICK}"): (
+        "OmniQuant W8A8 on Qwen (quick profile): 30.983, x1.0062 of float, within 1.5% but 0.14% "
+        "worse than SmoothQuant W8A8 at alpha 0.5 (30.941, x1.0048), the issue's comparison; at the "
+        "reference's learning rates it read x1.0042 (docs/omniquant.md)"),
     ("quick_ppl", "smollm2-smoothquant-w8a8-calib_samples=32-calib_seqlen=2048"): (
         "SmoothQuant W8A8 at alpha 0.5 on SmolLM2 (quick profile): ppl_ratio 1.0161 on AVX-512 (1.017 "
         "on AVX2), short of the issue's 1.5% above float; the alpha-search cell meets it (1.014)"),
@@ -202,9 +206,8 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
 # `pytest --runslow -p no:randomly 'TEST[CELL]' --snapshot-update`, then remove the entry.
 NOT_RECORDED: dict[str, dict[str, str]] = {
     "test_cell_quick_profile": {
-        **{f"qwen2-omniquant-{b}-{OQ_QUICK}":
-           "about 65 min (W4A8 measured at these rates: 47 min of training at 2 threads, 15 min "
-           "scoring, the float model's 12 more)" for b in ("w8a8", "w4a16")},
+        f"qwen2-omniquant-w4a16-{OQ_QUICK}":
+            "about 40 min (W8A8 measured: 28 min of training, 10 min scoring)",
         # GPTQ's symmetric cells since its default became the full grid (docs/full_grid.md)
         **{f"{m}-gptq-{b}-calib_seqlen=512{g}": cost
            for m, cost in (("smollm2", "about 5 min (GPTQ build, 40 x 2048 scoring)"),
@@ -267,6 +270,10 @@ QUICK_TARGETS: dict[tuple[str, str], dict] = {
     ("smoothquant", "w4a8"): {"gap_closed": 0.0},          # strictly better than RTN
     ("gptq", "w4a16"): {"gap_closed": 0.5},
     ("omniquant", "w8a8"): {"max_ppl_ratio": 1.015},       # within 1.5% of float
+    # ... and no worse than the best SmoothQuant W8A8 cell of the model: SmolLM2 the alpha search's
+    # x1.014, Qwen alpha 0.5's 30.941 / 30.793 (docs/track1_measurements.md)
+    ("omniquant", "w8a8", "smollm2-135m"): {"max_ppl_ratio": 1.014},
+    ("omniquant", "w8a8", "qwen2.5-0.5b"): {"max_ppl_ratio": 1.0048},
     ("omniquant", "w4a8"): {"max_ppl_ratio": 1.25, "gap_closed": 0.0},   # within 25%, better than RTN
     # ... and better than GPTQ W4A8 with the same asymmetric per-channel weights: on Qwen 34.734 /
     # 30.793 (docs/omniquant.md); on SmolLM2 GPTQ asym's x1.403 is above the 1.25 already
