@@ -76,5 +76,5 @@ def profile_settings(method: str, profile: str, bits: str) -> dict:
         names = {f.name for f in fields(get_method(method).config)}
         return {k: v for k, v in SMOKE.items() if k in names}
     names = {f.name for f in fields(get_method(method).config)}
-    quick = {**QUICK, **QUICK_BY_METHOD.get(method, {}), **QUICK_BY_CELL.get((method, bits), {})}
+    quick = {**QUICK, **QUICK_BY_METHOD.get(method, {}), **QUICK_BY_CELL.get((method, bits.strip().lower()), {})}
     return {k: v for k, v in quick.items() if k in names}

@@ -243,6 +243,7 @@ def test_quick_profile_adds_let_down_to_omniquant_w4a8_only():
         assert "let_down" not in profile_settings("omniquant", "quick", bits)
         assert make_config("omniquant", bits, profile_settings("omniquant", "quick", bits)).let_down is False
     assert make_config("omniquant", "w4a8", profile_settings("omniquant", "quick", "w4a8")).let_down is True
+    assert profile_settings("omniquant", "quick", "W4A8") == profile_settings("omniquant", "quick", "w4a8")
     assert not any("let_down" in profile_settings("omniquant", p, "w4a8") for p in ("paper", "smoke"))
 
 
