@@ -8,6 +8,7 @@ from dataclasses import fields
 
 from .errors import SlmquantError
 from .methods import get_method
+from .quant import parse_bits
 
 # Calibration budget of the quick profile, applied to the fields a method's config has: 65,536
 # tokens. GPTQ keeps its paper's 128 windows and shortens them to 512 tokens instead: on SmolLM2
@@ -36,7 +37,7 @@ QUICK_BY_METHOD = {"gptq": {"calib_samples": 128, "calib_seqlen": 512},
 # x1.310 of float and Qwen2.5-0.5B from x1.163 to x1.157 (docs/omniquant.md, "let_down on the judged
 # windows"). W8A8, which meets its targets without it, was not measured with it and keeps the
 # reference's pairs.
-QUICK_BY_CELL = {("omniquant", "w4a8"): {"let_down": True}}
+QUICK_BY_CELL = {("omniquant", (4, 8)): {"let_down": True}}     # (method, (weight, activation) bits)
 # The paper profile: each method's config defaults (the papers' and reference scripts' settings),
 # and SpinQuant's 8 windows per Cayley step (the reference's 8 GPUs x 1 window; the config keeps 1,
 # the budget its default-tier and quick cells were measured at).
@@ -72,9 +73,8 @@ def profile_settings(method: str, profile: str, bits: str) -> dict:
         raise SlmquantError(f"profile {profile!r}: choose {', '.join(PROFILES)}")
     if profile == "paper":
         return dict(PAPER_BY_METHOD.get(method, {}))
-    if profile == "smoke":
-        names = {f.name for f in fields(get_method(method).config)}
-        return {k: v for k, v in SMOKE.items() if k in names}
     names = {f.name for f in fields(get_method(method).config)}
-    quick = {**QUICK, **QUICK_BY_METHOD.get(method, {}), **QUICK_BY_CELL.get((method, bits.strip().lower()), {})}
+    if profile == "smoke":
+        return {k: v for k, v in SMOKE.items() if k in names}
+    quick = {**QUICK, **QUICK_BY_METHOD.get(method, {}), **QUICK_BY_CELL.get((method, parse_bits(bits)), {})}
     return {k: v for k, v in quick.items() if k in names}
