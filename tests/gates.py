@@ -206,8 +206,6 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
 # `pytest --runslow -p no:randomly 'TEST[CELL]' --snapshot-update`, then remove the entry.
 NOT_RECORDED: dict[str, dict[str, str]] = {
     "test_cell_quick_profile": {
-        f"qwen2-omniquant-w4a16-{OQ_QUICK}":
-            "about 40 min (W8A8 measured: 28 min of training, 10 min scoring)",
         # GPTQ's symmetric cells since its default became the full grid (docs/full_grid.md)
         **{f"{m}-gptq-{b}-calib_seqlen=512{g}": cost
            for m, cost in (("smollm2", "about 5 min (GPTQ build, 40 x 2048 scoring)"),
