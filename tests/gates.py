@@ -215,8 +215,6 @@ NOT_RECORDED: dict[str, dict[str, str]] = {
             "4 min, GPTQ 6 min, 40 x 2048 scoring 4 min)",
         "qwen2-spinquant-w4a16-calib_seqlen=512-steps=50": "about 60 min (learning, GPTQ build, 40 x 2048 "
             "scoring, the float model's 10 more)",
-        "qwen2-smoothquant-w4a8-alpha_search=True-calib_samples=32-calib_seqlen=2048-weights=gptq":
-            "about 60 min (alpha search and GPTQ build, 40 x 2048 scoring)",
     },
     "test_task_cell_pr_gate": {
         "*": "the cell's build, then 5 tasks x 120 items: about 5 min a SmolLM2 cell, 20 min a Qwen cell"},
