@@ -152,6 +152,20 @@ def fake_quant_ste(x: torch.Tensor, spec: QSpec | None) -> torch.Tensor:
     return ((q - zero) * scale).reshape(x.shape)
 
 
+def lwc_qparams(W: torch.Tensor, spec: QSpec, gamma: torch.Tensor, beta: torch.Tensor | None):
+    """(scale, zero) of learnable weight clipping (below), shaped to broadcast over `_grouped(W, spec)`;
+    differentiable in gamma and beta through the scale."""
+    Wg = _grouped(W, spec)
+    up = torch.sigmoid(gamma).reshape(*Wg.shape[:-1], 1)
+    if spec.sym:
+        scale = (Wg.abs().amax(-1, keepdim=True) * up / (spec.qmax + 0.5 if spec.full_grid else spec.qmax))
+        return scale.clamp(1e-5, 1e4), torch.zeros((), dtype=W.dtype, device=W.device)
+    low = torch.sigmoid(beta).reshape(*Wg.shape[:-1], 1)
+    xmax, xmin = Wg.amax(-1, keepdim=True) * up, Wg.amin(-1, keepdim=True) * low
+    scale = ((xmax - xmin) / spec.qmax).clamp(1e-5, 1e4)
+    return scale, torch.round(-xmin / scale).clamp(0, spec.qmax).detach()
+
+
 def lwc_fake_quant(W: torch.Tensor, spec: QSpec, gamma: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
     """Learnable weight clipping (OmniQuant, arXiv 2308.13137): each row's (or group's) range is
     shrunk by sigmoid factors before rounding, rounding straight-through, so that gamma, beta and W
@@ -160,15 +174,7 @@ def lwc_fake_quant(W: torch.Tensor, spec: QSpec, gamma: torch.Tensor, beta: torc
     zero = round(-min' / scale), kept in [0, qmax] (no gradient, as in the reference code).
     Symmetric: max|W|' = sigmoid(gamma) max|W| on the grid of `spec` (beta unused)."""
     Wg = _grouped(W, spec)                                   # (out, in) or (out, groups, group_size)
-    up = torch.sigmoid(gamma).reshape(*Wg.shape[:-1], 1)
-    if spec.sym:
-        scale = (Wg.abs().amax(-1, keepdim=True) * up / (spec.qmax + 0.5 if spec.full_grid else spec.qmax))
-        scale, zero = scale.clamp(1e-5, 1e4), torch.zeros((), dtype=W.dtype, device=W.device)
-    else:
-        low = torch.sigmoid(beta).reshape(*Wg.shape[:-1], 1)
-        xmax, xmin = Wg.amax(-1, keepdim=True) * up, Wg.amin(-1, keepdim=True) * low
-        scale = ((xmax - xmin) / spec.qmax).clamp(1e-5, 1e4)
-        zero = torch.round(-xmin / scale).clamp(0, spec.qmax).detach()
+    scale, zero = lwc_qparams(W, spec, gamma, beta)
     q = torch.clamp(round_ste(Wg / scale) + zero, spec.qmin, spec.qmax)
     return ((q - zero) * scale).reshape(W.shape)
 

@@ -105,10 +105,12 @@ def mse_qparams(x: torch.Tensor, spec: QSpec, grid: int = 100, maxshrink: float 
 @torch.no_grad()
 def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size: int = 128,
                 damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
-                w_clip: bool = False) -> Rounded:
+                w_clip: bool = False, params: tuple[torch.Tensor, torch.Tensor] | None = None) -> Rounded:
     """Round W (out, in) against the Hessian H (in, in) of its inputs.
     spec None rounds nothing (the identity): the error feedback then has nothing to spread.
-    w_clip: every row's (group's) range from `mse_qparams`, on the weights as GPTQ reaches them."""
+    w_clip: every row's (group's) range from `mse_qparams`, on the weights as GPTQ reaches them.
+    params: every row's (scale, zero), each (out, 1), fixed by the caller (per-channel specs only:
+    ranges learned by another method, OmniQuant's clipping)."""
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32       # at least float32
     W0, W = W, W.detach().clone().to(dt)
     H = H.detach().clone().to(dt)
@@ -122,9 +124,11 @@ def gptq_weight(W: torch.Tensor, H: torch.Tensor, spec: QSpec | None, block_size
     group = spec.group_size if spec is not None and spec.granularity == "group" else None
     col_spec = dataclasses.replace(spec, granularity="channel", group_size=None) if spec else None
     find = mse_qparams if w_clip else qparams
+    if params is not None and (spec is None or group is not None):
+        raise SlmquantError("fixed (scale, zero) per row need a per-channel weight spec")
     static = None
     if spec is not None and group is None:
-        static = find(W, col_spec)                                      # one (scale, zero) per row
+        static = params if params is not None else find(W, col_spec)   # one (scale, zero) per row
     elif group is not None and act_order and static_groups:             # fixed up front, original order
         static = [find(W[:, g:g + group], col_spec) for g in range(0, n_in, group)]
 

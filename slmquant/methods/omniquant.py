@@ -35,7 +35,9 @@ from ..arch import arch_map, decoder_layers, heads, kv_max, kv_to_q
 from ..calib import act_absmax, capture_layer_inputs, input_hooks
 from ..errors import SlmquantError
 from ..files import atomic_path
-from ..quant import QLinear, fake_quant_ste, lwc_fake_quant
+from ..quant import QLinear, fake_quant_ste, lwc_fake_quant, lwc_qparams
+from .gptq import GPTQConfig, gptq_weight
+from .gptq import _collect as gptq_collect
 from . import CalibConfig, register
 
 
@@ -60,7 +62,13 @@ class OmniQuantConfig(CalibConfig):
     docs/omniquant.md).
     let_down: also learn a LET pair up_proj -> down_proj (up's rows / s, down's columns * s: exact
     through the gated product act(gate) * up), started like the others from down_proj's input
-    maxima. Not in the reference (its llama LET leaves down_proj alone); off by default."""
+    maxima. Not in the reference (its llama LET leaves down_proj alone); off by default.
+    weights: "rtn" (the reference: each row rounded to nearest on its learned clipped range) or
+    "gptq": after a block's training, its LET-folded float weights are rounded by GPTQ (slmquant's
+    defaults: act order, block 128, damping 0.01) on each row's learned clipped range (LWC's grid)
+    against the Hessians of the block's inputs on the quantized stream, and the next block trains on
+    that block's outputs. Not OmniQuant's method (its rounding is to nearest); off by default.
+    Per-channel weights only (groups: LWC's per-group ranges are not passed to GPTQ)."""
     sym: bool = False
     epochs: int = 20
     lwc_lr: float = 1e-2
@@ -75,6 +83,7 @@ class OmniQuantConfig(CalibConfig):
     aug_loss: bool = False
     loss: str = "mse"
     let_down: bool = False
+    weights: str = "rtn"
 
     def __post_init__(self):
         super().__post_init__()
@@ -86,6 +95,10 @@ class OmniQuantConfig(CalibConfig):
             raise SlmquantError(f"gqa must be exact or llmc, got {self.gqa!r}")
         if self.loss not in LOSSES:
             raise SlmquantError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.weights not in ("rtn", "gptq"):
+            raise SlmquantError(f"weights must be rtn or gptq, got {self.weights!r}")
+        if self.weights == "gptq" and self.group_size:
+            raise SlmquantError("weights=gptq takes per-channel weights (LWC's ranges per row)")
         if self.quant_attn and self.a_bits == 16:
             raise SlmquantError("quant_attn=true needs quantized activations (a_bits < 16)")
         if self.let_down and not self.use_let:
@@ -292,6 +305,23 @@ def fold_block_(layer: nn.Module, blk: Block, cfg: OmniQuantConfig, quantize: bo
 
 
 @torch.no_grad()
+def gptq_block_(layer: nn.Module, blk: Block, inputs: list[torch.Tensor], kw: dict, cfg: OmniQuantConfig) -> None:
+    """weights="gptq": round a folded block's float linears with GPTQ, each row on its learned
+    clipped range, against the Hessians of the block's inputs (one pass over `inputs`, linears fed by
+    one tensor sharing theirs); install QLinears."""
+    mods = {n: layer.get_submodule(n) for n in blk.amap.linears}
+    hess: dict[str, dict] = {}
+    gptq_collect(layer, mods, inputs, kw, hess)
+    gcfg = GPTQConfig()
+    for n, lin in mods.items():
+        gamma, beta = blk.lwc[n] if cfg.lwc else (torch.full_like(t, 30.0) for t in blk.lwc[n])
+        grid = lwc_qparams(lin.weight.float(), cfg.w_spec, gamma, beta)
+        r = gptq_weight(lin.weight, hess[n]["H"], cfg.w_spec, gcfg.block_size, gcfg.damp, gcfg.act_order,
+                        params=grid)
+        layer.set_submodule(n, QLinear.from_linear(lin, cfg.w_spec, cfg.a_spec, weight=r.weight))
+
+
+@torch.no_grad()
 def float_pass(layer: nn.Module, amap, inputs: list[torch.Tensor], kw: dict):
     """The float block on float inputs: (outputs, the LET start's per-channel max|x| at the inputs
     of q/k/v, gate/up, o and down)."""
@@ -352,7 +382,9 @@ def omniquant(model: nn.Module, calib: torch.Tensor, cfg: OmniQuantConfig, progr
         info["loss"][i] = res["loss"]
         if res["nonfinite"]:
             info["nonfinite_blocks"].append(i)
-        fold_block_(layer, blk, cfg)
+        fold_block_(layer, blk, cfg, quantize=cfg.weights == "rtn")
+        if cfg.weights == "gptq":
+            gptq_block_(layer, blk, q_in, kw, cfg)
         with torch.no_grad():
             q_in = [layer(x, **kw) for x in q_in]                    # the quantized stream moves on
         fp_in = target

@@ -265,6 +265,42 @@ def test_an_interrupted_build_resumes_from_its_last_finished_block(monkeypatch, 
         assert torch.equal(resumed(calib).logits, whole(calib).logits)
 
 
+def test_gptq_weights_are_gptq_of_the_folded_block(monkeypatch, tmp_path):
+    """weights="gptq": each linear of a block holds GPTQ's rounding (slmquant's defaults) of its
+    LET-folded float weights, on LWC's clipped range per row, against the Hessian of the block's
+    inputs (block 0: the embeddings), computed here from the pieces; RTN's cell holds other weights,
+    and its activations are still quantized. Groups are refused (LWC's ranges are per row here)."""
+    from slmquant.methods.gptq import GPTQConfig, gptq_weight
+    from slmquant.quant import lwc_qparams
+    from slmquant.methods.gptq import _collect
+    monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path))
+    model, _ = tiny_model("qwen2", seed=5)
+    calib = torch.randint(0, 5000, (2, 32))
+    built = {w: quantize(copy.deepcopy(model), "omniquant", make_config(
+        "omniquant", "w4a8", {**TINY, "epochs": 0, "weights": w}), calib) for w in ("rtn", "gptq")}
+    cfg = make_config("omniquant", "w4a8", {**TINY, "epochs": 0})
+    ref = copy.deepcopy(model)
+    layer, blk, x, kw = next(_blocks(ref, calib, cfg, perturb=0.0))
+    oq.fold_block_(layer, blk, cfg, quantize=False)
+    mods = {n: layer.get_submodule(n) for n in blk.amap.linears}
+    hess: dict = {}
+    _collect(layer, mods, x, kw, hess)
+    g = GPTQConfig()
+    got = decoder_layers(built["gptq"])[0]
+    for n, lin in mods.items():
+        grid = lwc_qparams(lin.weight, cfg.w_spec, *blk.lwc[n])              # the clipped range
+        want = gptq_weight(lin.weight, hess[n]["H"], cfg.w_spec, g.block_size, g.damp, g.act_order,
+                           params=grid).weight
+        q = got.get_submodule(n)
+        assert torch.allclose(q.weight, want, rtol=0, atol=1e-6), n
+        assert q.a_spec == cfg.a_spec
+        assert not torch.allclose(q.weight, decoder_layers(built["rtn"])[0].get_submodule(n).weight)
+    with pytest.raises(Exception, match="weights must be rtn or gptq"):
+        make_config("omniquant", "w4a8", {"weights": "awq"})
+    with pytest.raises(Exception, match="weights=gptq takes per-channel weights"):
+        make_config("omniquant", "w4a8", {"weights": "gptq", "group_size": 64})
+
+
 @pytest.mark.parametrize("setting, message", [("gqa=mqa", "gqa must be"), ("alpha=2", "alpha"),
                                               ("epochs=-1", "epochs")])
 def test_bad_settings_are_refused(setting, message):
