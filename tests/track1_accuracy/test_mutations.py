@@ -200,7 +200,7 @@ def test_a_mutated_omniquant_build_never_reads_the_shared_resume_folder(monkeypa
     shared = oq_mod._resume_dir(model, calib_, cfg)
     real_train = oq_mod.train_block
     monkeypatch.setattr(oq_mod, "train_block", lambda *a: {"loss": [], "nonfinite": False})
-    def leave(*a):                        # the untrained build stops after its first block is saved
+    def leave(*a, **k):                   # the untrained build stops after its first block is saved
         raise KeyboardInterrupt
     monkeypatch.setattr(oq_mod, "fold_block_", leave)
     with pytest.raises(KeyboardInterrupt):
