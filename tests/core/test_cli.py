@@ -232,19 +232,23 @@ def test_quick_profile_budgets():
         profile_settings("gptq", "fast", "w4a8")
 
 
-def test_quick_profile_adds_let_down_to_omniquant_w4a8_only():
-    """OmniQuant's LET pair up_proj -> down_proj is a quick-profile setting of its W4A8 cell alone
-    (measured there); W8A8 keeps the reference's pairs, W4A16 (LWC only, where let_down is refused)
-    builds its config, and the paper and smoke profiles never add it."""
+def test_quick_profile_adds_let_down_and_gptq_weights_to_omniquant_w4a8_only():
+    """OmniQuant's LET pair up_proj -> down_proj and its GPTQ rounding are quick-profile settings of its
+    W4A8 cell alone (measured there); W8A8 keeps the reference's pairs and rounding, W4A16 (LWC only,
+    where let_down is refused) builds its config, and the paper and smoke profiles never add them."""
     from slmquant.methods import make_config
     from slmquant.profiles import profile_settings
-    assert profile_settings("omniquant", "quick", "w4a8")["let_down"] is True
+    quick = profile_settings("omniquant", "quick", "w4a8")
+    assert (quick["let_down"], quick["weights"]) == (True, "gptq")
     for bits in ("w8a8", "w4a16"):
-        assert "let_down" not in profile_settings("omniquant", "quick", bits)
-        assert make_config("omniquant", bits, profile_settings("omniquant", "quick", bits)).let_down is False
-    assert make_config("omniquant", "w4a8", profile_settings("omniquant", "quick", "w4a8")).let_down is True
-    assert profile_settings("omniquant", "quick", "W4A8") == profile_settings("omniquant", "quick", "w4a8")
-    assert not any("let_down" in profile_settings("omniquant", p, "w4a8") for p in ("paper", "smoke"))
+        assert not {"let_down", "weights"} & set(profile_settings("omniquant", "quick", bits))
+        cfg = make_config("omniquant", bits, profile_settings("omniquant", "quick", bits))
+        assert (cfg.let_down, cfg.weights) == (False, "rtn")
+    cfg = make_config("omniquant", "w4a8", quick)
+    assert (cfg.let_down, cfg.weights) == (True, "gptq")
+    assert profile_settings("omniquant", "quick", "W4A8") == quick
+    for p in ("paper", "smoke"):
+        assert not {"let_down", "weights"} & set(profile_settings("omniquant", p, "w4a8"))
 
 
 def test_smoke_profile_builds_the_default_tiers_cells():
