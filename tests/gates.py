@@ -168,19 +168,11 @@ def _check_lower_bounds(cell: Cell, metrics: dict, recorded: dict | None) -> lis
     return out
 
 
-# OmniQuant's quick-profile settings (slmquant/profiles.py) as its cell ids spell them
-OQ_QUICK = "calib_samples=64-calib_seqlen=512-epochs=2-let_lr=0.02-lwc_lr=0.1"
-OQ_QUICK_W4A8 = "calib_samples=64-calib_seqlen=512-epochs=2-let_down=True-let_lr=0.02-lwc_lr=0.1-weights=gptq"
-
 # Cells that fail a gate today, with the measured reason, keyed by (gate, cell id): a known failure of
 # one gate excuses that gate only. The test turns into a failure when the gate starts passing, so that
 # the entry is removed, not forgotten. Gates: "damage", "vs_rtn", "ppl", "suspicious", "band" (default
 # tier), "quick_ppl" (quick-profile ceilings and targets), "tasks" (task recovery floors).
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("quick_ppl", f"qwen2-omniquant-w8a8-{OQ_QUICK}"): (
-        "OmniQuant W8A8 on Qwen (quick profile): 30.983, x1.0062 of float, within 1.5% but 0.14% "
-        "worse than SmoothQuant W8A8 at alpha 0.5 (30.941, x1.0048), the issue's comparison; at the "
-        "reference's learning rates it read x1.0042 (docs/omniquant.md)"),
     ("quick_ppl", "smollm2-smoothquant-w8a8-calib_samples=32-calib_seqlen=2048"): (
         "SmoothQuant W8A8 at alpha 0.5 on SmolLM2 (quick profile): ppl_ratio 1.0161 on AVX-512 (1.017 "
         "on AVX2), short of the issue's 1.5% above float; the alpha-search cell meets it (1.014)"),

@@ -232,23 +232,21 @@ def test_quick_profile_budgets():
         profile_settings("gptq", "fast", "w4a8")
 
 
-def test_quick_profile_adds_let_down_and_gptq_weights_to_omniquant_w4a8_only():
-    """OmniQuant's LET pair up_proj -> down_proj and its GPTQ rounding are quick-profile settings of its
-    W4A8 cell alone (measured there); W8A8 keeps the reference's pairs and rounding, W4A16 (LWC only,
-    where let_down is refused) builds its config, and the paper and smoke profiles never add them."""
+def test_quick_profile_adds_let_down_at_w8a8_and_w4a8_and_gptq_weights_at_w4a8():
+    """OmniQuant's LET pair up_proj -> down_proj is a quick-profile setting of its W8A8 and W4A8
+    cells, its GPTQ rounding of W4A8 alone (each measured there); W4A16 (LWC only, where let_down is
+    refused) builds its config with neither, and the paper and smoke profiles never add them."""
     from slmquant.methods import make_config
     from slmquant.profiles import profile_settings
-    quick = profile_settings("omniquant", "quick", "w4a8")
-    assert (quick["let_down"], quick["weights"]) == (True, "gptq")
-    for bits in ("w8a8", "w4a16"):
-        assert not {"let_down", "weights"} & set(profile_settings("omniquant", "quick", bits))
-        cfg = make_config("omniquant", bits, profile_settings("omniquant", "quick", bits))
-        assert (cfg.let_down, cfg.weights) == (False, "rtn")
-    cfg = make_config("omniquant", "w4a8", quick)
-    assert (cfg.let_down, cfg.weights) == (True, "gptq")
-    assert profile_settings("omniquant", "quick", "W4A8") == quick
-    for p in ("paper", "smoke"):
-        assert not {"let_down", "weights"} & set(profile_settings("omniquant", p, "w4a8"))
+    want = {"w4a8": (True, "gptq"), "w8a8": (True, "rtn"), "w4a16": (False, "rtn")}
+    for bits, (let_down, weights) in want.items():
+        quick = profile_settings("omniquant", "quick", bits)
+        cfg = make_config("omniquant", bits, quick)
+        assert (cfg.let_down, cfg.weights) == (let_down, weights), bits
+        assert quick.get("let_down", False) == let_down and quick.get("weights", "rtn") == weights
+        assert profile_settings("omniquant", "quick", bits.upper()) == quick
+        for p in ("paper", "smoke"):
+            assert not {"let_down", "weights"} & set(profile_settings("omniquant", p, bits))
 
 
 def test_smoke_profile_builds_the_default_tiers_cells():
