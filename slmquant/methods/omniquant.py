@@ -154,6 +154,12 @@ class Block:
     def lwc_params(self) -> list[torch.Tensor]:
         return [t for pair in self.lwc.values() for t in pair] if self.cfg.lwc else []
 
+    def clip(self, n: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Linear n's LWC logits (gamma, beta); with `lwc` off, logits whose sigmoid is 1 (the
+        whole range)."""
+        gamma, beta = self.lwc[n]
+        return (gamma, beta) if self.cfg.lwc else (torch.full_like(gamma, 30.0), torch.full_like(beta, 30.0))
+
     def state(self) -> dict:
         return {"let": {k: v.detach().clone() for k, v in self.let.items()},
                 "lwc": {k: [t.detach().clone() for t in v] for k, v in self.lwc.items()}}
@@ -208,10 +214,7 @@ class Block:
         if not quantize:
             return {**out, **{f"{n}.weight": Wn.to(self.W[n].dtype) for n, Wn in W.items()}}
         for n, Wn in W.items():
-            gamma, beta = self.lwc[n]
-            if not cfg.lwc:
-                gamma, beta = torch.full_like(gamma, 30.0), torch.full_like(beta, 30.0)   # sigmoid = 1
-            Wq = lwc_fake_quant(Wn if Wn.dtype == torch.float64 else Wn.float(), cfg.w_spec, gamma, beta)
+            Wq = lwc_fake_quant(Wn if Wn.dtype == torch.float64 else Wn.float(), cfg.w_spec, *self.clip(n))
             out[f"{n}.weight"] = (Wq.half() if cfg.fold_fp16 and deploy else Wq).to(self.W[n].dtype)
         return out
 
@@ -314,8 +317,7 @@ def gptq_block_(layer: nn.Module, blk: Block, inputs: list[torch.Tensor], kw: di
     gptq_collect(layer, mods, inputs, kw, hess)
     gcfg = GPTQConfig()
     for n, lin in mods.items():
-        gamma, beta = blk.lwc[n] if cfg.lwc else (torch.full_like(t, 30.0) for t in blk.lwc[n])
-        grid = lwc_qparams(lin.weight.float(), cfg.w_spec, gamma, beta)
+        grid = lwc_qparams(lin.weight.float(), cfg.w_spec, *blk.clip(n))
         r = gptq_weight(lin.weight, hess[n]["H"], cfg.w_spec, gcfg.block_size, gcfg.damp, gcfg.act_order,
                         params=grid)
         layer.set_submodule(n, QLinear.from_linear(lin, cfg.w_spec, cfg.a_spec, weight=r.weight))

@@ -270,9 +270,8 @@ def test_gptq_weights_are_gptq_of_the_folded_block(monkeypatch, tmp_path):
     LET-folded float weights, on LWC's clipped range per row, against the Hessian of the block's
     inputs (block 0: the embeddings), computed here from the pieces; RTN's cell holds other weights,
     and its activations are still quantized. Groups are refused (LWC's ranges are per row here)."""
-    from slmquant.methods.gptq import GPTQConfig, gptq_weight
+    from slmquant.methods.gptq import GPTQConfig, _collect, gptq_weight
     from slmquant.quant import lwc_qparams
-    from slmquant.methods.gptq import _collect
     monkeypatch.setenv("SLMQUANT_CACHE", str(tmp_path))
     model, _ = tiny_model("qwen2", seed=5)
     calib = torch.randint(0, 5000, (2, 32))
