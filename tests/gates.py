@@ -195,10 +195,6 @@ NOT_RECORDED: dict[str, dict[str, str]] = {
            for m, cost in (("smollm2", "about 5 min (GPTQ build, 40 x 2048 scoring)"),
                            ("qwen2", "about 15 min (GPTQ build, 40 x 2048 scoring)"))
            for b, g in (("w8a8", ""), ("w4a8", ""), ("w4a16", ""), ("w4a16", "-group_size=64"))},
-        "smollm2-spinquant-w4a16-calib_seqlen=512-steps=50": "about 15 min (W4A8 measured: 50 learned steps "
-            "4 min, GPTQ 6 min, 40 x 2048 scoring 4 min)",
-        "qwen2-spinquant-w4a16-calib_seqlen=512-steps=50": "about 60 min (learning, GPTQ build, 40 x 2048 "
-            "scoring, the float model's 10 more)",
     },
     "test_task_cell_pr_gate": {
         "*": "the cell's build, then 5 tasks x 120 items: about 5 min a SmolLM2 cell, 20 min a Qwen cell"},
@@ -261,6 +257,11 @@ QUICK_TARGETS: dict[tuple[str, str], dict] = {
     ("spinquant", "w8a8"): {"max_ppl_ratio": 1.01},                     # within 1% of float
     ("spinquant", "w4a8", "smollm2-135m"): {"max_ppl_ratio": 1.15},
     ("spinquant", "w4a8", "qwen2.5-0.5b"): {"max_ppl_ratio": 1.20},
+    # W4A16 has no issue target: the rotations must beat GPTQ alone with the same asymmetric
+    # per-channel weights and calibration (docs/track1_measurements.md: 27.595 / 20.384 and
+    # 35.308 / 30.793); measured x1.118 and x1.048 (docs/spinquant.md)
+    ("spinquant", "w4a16", "smollm2-135m"): {"max_ppl_ratio": 1.3537},
+    ("spinquant", "w4a16", "qwen2.5-0.5b"): {"max_ppl_ratio": 1.1466},
 }
 
 
