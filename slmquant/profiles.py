@@ -31,18 +31,18 @@ QUICK_BY_METHOD = {"gptq": {"calib_samples": 128, "calib_seqlen": 512},
                    "omniquant": {"calib_samples": 64, "calib_seqlen": 512, "epochs": 2, "lwc_lr": 0.1, "let_lr": 0.02},
                    "spinquant": {"calib_samples": 128, "calib_seqlen": 512, "steps": 50}}
 # Settings of one (method, bits) on the quick profile, over QUICK_BY_METHOD's. OmniQuant W4A8 and
-# W8A8 add a LET pair up_proj -> down_proj (exact; not in the reference), where SmolLM2's massive activations
-# enter the residual stream: at this budget it cut SmolLM2 W4A8's held-out KL from float by 21%
-# (windows from token 81,920); on the judged first 40 windows of 2048 it took SmolLM2 from x1.404 to
-# x1.310 of float and Qwen2.5-0.5B from x1.163 to x1.157 (docs/omniquant.md, "let_down on the judged
-# windows"). At W8A8 it cut SmolLM2's held-out KL by 41% (0.0160 -> 0.0095, the same windows) and on
-# the judged windows took SmolLM2 from x1.0101 to x1.0065 and Qwen2.5-0.5B from x1.0062 to x1.0038
-# (docs/omniquant.md, "let_down at W8A8"). OmniQuant W4A8 also rounds with GPTQ (`weights="gptq"`:
-# after each block's training, the folded float weights rounded by GPTQ on LWC's learned per-row grids; the reference
-# rounds to nearest): it cut SmolLM2 W4A8's held-out KL from float by 30% (0.301 -> 0.212, the same
-# windows), and on the judged windows took SmolLM2 from x1.310 to x1.205 and Qwen2.5-0.5B from x1.157
-# to x1.081 (docs/omniquant.md, "weights=gptq"). A hybrid, not the paper's method: the paper profile
-# keeps the reference's rounding.
+# W8A8 add a LET pair up_proj -> down_proj (exact; not in the reference), where SmolLM2's massive
+# activations enter the residual stream: at this budget it cut SmolLM2 W4A8's held-out KL from float
+# by 21% (windows from token 81,920); on the judged first 40 windows of 2048 it took SmolLM2 from
+# x1.404 to x1.310 of float and Qwen2.5-0.5B from x1.163 to x1.157 (docs/omniquant.md, "let_down on
+# the judged windows"). At W8A8 it cut SmolLM2's held-out KL by 41% (0.0160 -> 0.0095, the same
+# windows) and on the judged windows took SmolLM2 from x1.0101 to x1.0065 and Qwen2.5-0.5B from
+# x1.0062 to x1.0038 (docs/omniquant.md, "let_down at W8A8"). OmniQuant W4A8 also rounds with GPTQ
+# (`weights="gptq"`: after each block's training, the folded float weights rounded by GPTQ on LWC's
+# learned per-row grids; the reference rounds to nearest): it cut SmolLM2 W4A8's held-out KL from
+# float by 30% (0.301 -> 0.212, the same windows), and on the judged windows took SmolLM2 from
+# x1.310 to x1.205 and Qwen2.5-0.5B from x1.157 to x1.081 (docs/omniquant.md, "weights=gptq"). A
+# hybrid, not the paper's method: the paper profile keeps the reference's rounding.
 QUICK_BY_CELL = {("omniquant", (4, 8)): {"let_down": True, "weights": "gptq"},   # (method, (w, a) bits)
                  ("omniquant", (8, 8)): {"let_down": True}}
 # The paper profile: each method's config defaults (the papers' and reference scripts' settings),
